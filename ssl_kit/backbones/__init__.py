@@ -1,0 +1,5 @@
+"""Encoders: timm models plus the masked forwards the methods need."""
+
+from ssl_kit.backbones.vit import create_vit, forward_visible, sincos_pos_embed_2d
+
+__all__ = ["create_vit", "forward_visible", "sincos_pos_embed_2d"]

@@ -1,0 +1,122 @@
+"""timm Vision Transformers with MAE's fixed sin-cos position embedding and a visible-token forward."""
+
+from __future__ import annotations
+
+import math
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from ssl_kit.masking.random import gather_tokens
+
+
+def check_timm_name(model_name: str) -> None:
+    """Raise a ValueError naming ``model_name`` and similar timm names if timm does not know it."""
+    if timm.is_model(model_name):
+        return
+    stem = model_name.split("_")[0]
+    similar = timm.list_models(f"{stem}*")[:12]
+    hint = f" Similar timm names: {', '.join(similar)}." if similar else ""
+    raise ValueError(f"Unknown timm model name {model_name!r}.{hint} See timm.list_models().")
+
+
+def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> Tensor:
+    """Fixed 2-D sine-cosine position embedding: half the channels encode the row, half the column.
+
+    Shapes:
+        returns (grid_h * grid_w, embed_dim), rows in raster order.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim={embed_dim} must be divisible by 4 for a 2-D sin-cos embedding.")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
+
+    def encode(pos: Tensor) -> Tensor:
+        angles = pos.reshape(-1, 1) * omega  # (L, D/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (L, D/2)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()  # (L, D)
+
+
+def set_sincos_pos_embed(vit: VisionTransformer) -> None:
+    """Replace a timm ViT's learned position embedding with MAE's frozen sin-cos one (prefix slots 0)."""
+    grid_h, grid_w = vit.patch_embed.grid_size
+    table = sincos_pos_embed_2d(vit.embed_dim, grid_h, grid_w)  # (L, D)
+    n_prefix = vit.pos_embed.shape[1] - table.shape[0]
+    with torch.no_grad():
+        vit.pos_embed.zero_()
+        vit.pos_embed[0, n_prefix:] = table
+    vit.pos_embed.requires_grad_(False)
+
+
+def create_vit(
+    model_name: str,
+    img_size: int = 224,
+    patch_size: int | None = None,
+    in_chans: int = 3,
+    drop_path_rate: float = 0.0,
+    sincos_pos_embed: bool = True,
+    **kwargs,
+) -> VisionTransformer:
+    """Build a randomly initialised timm ViT without classifier, checking names and sizes first.
+
+    Args:
+        model_name: any timm ``VisionTransformer`` name, e.g. ``vit_base_patch16_224``.
+        img_size: input resolution; must be divisible by the patch size.
+        patch_size: overrides the name's patch size when given.
+        in_chans: input channels.
+        drop_path_rate: stochastic depth.
+        sincos_pos_embed: use MAE's fixed 2-D sin-cos position embedding.
+        **kwargs: passed to ``timm.create_model`` (e.g. ``global_pool``).
+    """
+    check_timm_name(model_name)
+    if patch_size is not None:
+        kwargs["patch_size"] = patch_size
+    model = timm.create_model(
+        model_name, pretrained=False, num_classes=0, img_size=img_size, in_chans=in_chans,
+        drop_path_rate=drop_path_rate, **kwargs,
+    )
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(
+            f"{model_name!r} is a {type(model).__name__}, not a timm VisionTransformer; "
+            "MAE and EVA need a plain ViT (vit_* names)."
+        )
+    p = model.patch_embed.patch_size[0]
+    if img_size % p:
+        raise ValueError(f"img_size={img_size} is not divisible by patch_size={p}; choose a multiple of {p}.")
+    if sincos_pos_embed:
+        set_sincos_pos_embed(model)
+    return model
+
+
+def forward_visible(vit: VisionTransformer, imgs: Tensor, ids_keep: Tensor) -> Tensor:
+    """Run the encoder on the kept patches only (plus its prefix tokens); no mask token enters.
+
+    Position embeddings are added before the removed patches are dropped, so each kept token
+    still knows where it sits.
+
+    Shapes:
+        imgs: (B, C, H, W); ids_keep: (B, K) -> (B, n_prefix + K, D), after the final norm.
+    """
+    x = vit.patch_embed(imgs)  # (B, L, D)
+    x = vit._pos_embed(x)  # (B, n_prefix + L, D)
+    n_prefix = vit.num_prefix_tokens
+    visible = gather_tokens(x[:, n_prefix:], ids_keep)  # (B, K, D)
+    x = torch.cat([x[:, :n_prefix], visible], dim=1)  # (B, n_prefix + K, D)
+    x = vit.norm_pre(x)
+    x = vit.blocks(x)
+    return vit.norm(x)
+
+
+def num_patches(vit: VisionTransformer) -> int:
+    """L, the number of patch tokens of ``vit`` at its configured resolution."""
+    return math.prod(vit.patch_embed.grid_size)
+
+
+def patch_size_of(vit: nn.Module) -> int:
+    return vit.patch_embed.patch_size[0]

@@ -1,0 +1,7 @@
+"""Training callbacks: checkpoints, throughput, reconstructions, end-of-run evaluation."""
+
+from ssl_kit.callbacks.checkpoint import RunCheckpoint
+from ssl_kit.callbacks.monitor import ReconstructionGrid, Throughput
+from ssl_kit.callbacks.report import KNNReport
+
+__all__ = ["RunCheckpoint", "ReconstructionGrid", "Throughput", "KNNReport"]

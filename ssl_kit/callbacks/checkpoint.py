@@ -1,0 +1,25 @@
+"""Checkpointing into the run directory: ``last.ckpt`` every epoch, numbered ones periodically."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that keeps every periodic checkpoint (``epoch=NNNN.ckpt`` each
+    ``every_n_epochs``) and refreshes ``last.ckpt`` at the end of every epoch, so a preempted
+    run loses at most one epoch.
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_epochs: int = 1, **kwargs) -> None:
+        kwargs.setdefault("filename", "epoch={epoch:04d}")
+        kwargs.setdefault("auto_insert_metric_name", False)
+        kwargs.setdefault("save_top_k", -1)
+        kwargs.setdefault("save_last", True)
+        super().__init__(dirpath=dirpath, every_n_epochs=every_n_epochs, **kwargs)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -1,0 +1,121 @@
+"""``python -m ssl_kit``: LightningCLI for fit/validate/test plus the ``export`` job."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from jsonargparse import CLI
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from ssl_kit.callbacks import RunCheckpoint
+from ssl_kit.data import SSLDataModule
+from ssl_kit.methods import SSLMethod
+
+#: Jobs that are not Trainer methods: name -> "module:function", each run through jsonargparse.
+EXTRA_COMMANDS = {
+    "export": "ssl_kit.export:export",
+}
+
+CHECKPOINT_SUFFIXES = (".ckpt",)
+
+
+class RunDirConfig(SaveConfigCallback):
+    """Saves the resolved config beside the checkpoints, never over an earlier one."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path, n = run_dir / "config.yaml", 1
+        while path.exists():  # a resumed run keeps the original config and adds config.N.yaml
+            path, n = run_dir / f"config.{n}.yaml", n + 1
+        self.parser.save(self.config, str(path), skip_none=False, multifile=False)
+
+
+def fresh_run_dir(run_dir: Path) -> Path:
+    """``run_dir`` itself if it holds no checkpoint, else the first free ``run_dir-N``."""
+    candidate, n = run_dir, 1
+    while candidate.is_dir() and any(p.suffix in CHECKPOINT_SUFFIXES for p in candidate.iterdir()):
+        candidate, n = run_dir.with_name(f"{run_dir.name}-{n}"), n + 1
+    return candidate
+
+
+class SSLCLI(LightningCLI):
+    """LightningCLI with ssl_kit's run directory: checkpoints, config and logs in one place."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.set_defaults({"trainer.default_root_dir": "runs/default"})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        run_dir = Path(config.trainer.default_root_dir)
+        if self.subcommand == "fit":
+            if config.get("ckpt_path") is None:
+                new_dir = fresh_run_dir(run_dir)
+                if new_dir != run_dir:
+                    print(f"{run_dir} already holds checkpoints; starting a new run in {new_dir} "
+                          f"(to resume instead, pass --ckpt_path last)")
+                run_dir = new_dir
+            elif config.ckpt_path == "last" and not (run_dir / "last.ckpt").is_file():
+                raise SystemExit(f"error: --ckpt_path last: no {run_dir / 'last.ckpt'} to resume from.")
+        config.trainer.default_root_dir = str(run_dir)
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = str(run_dir)
+        if config.trainer.logger in (None, True):
+            config.trainer.logger = {
+                "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(run_dir), "name": "tb", "version": ""},
+            }
+        print(f"run directory: {run_dir}")
+
+    def before_fit(self) -> None:
+        # Scan the data before any long work so a bad root or empty folder fails at once.
+        self.datamodule.check()
+
+
+def run_extra(name: str, argv: list[str]) -> None:
+    module_name, fn_name = EXTRA_COMMANDS[name].split(":")
+    module = __import__(module_name, fromlist=[fn_name])
+    CLI(getattr(module, fn_name), args=argv, as_positional=True)
+
+
+HELP_HEADER = """usage: python -m ssl_kit {fit,validate,test,predict,%s} ...
+
+Self-supervised pretraining (MAE, FCMAE, ReLICv2, EVA) and evaluation.
+
+  fit / validate / test / predict   LightningCLI jobs: --config FILE, --model.*, --data.*, --trainer.*
+  %s
+
+Run `python -m ssl_kit SUBCOMMAND --help` for every option of a job.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    from_python = argv is not None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return run_extra(argv[0], argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        extras = "\n  ".join(f"{n:<33} {_summary(n)}" for n in EXTRA_COMMANDS)
+        print(HELP_HEADER % (",".join(EXTRA_COMMANDS), extras))
+        if not argv:
+            raise SystemExit(2)
+    SSLCLI(
+        SSLMethod,
+        SSLDataModule,
+        subclass_mode_model=True,
+        save_config_callback=RunDirConfig,
+        auto_configure_optimizers=False,
+        args=argv if from_python else None,
+    )
+
+
+def _summary(name: str) -> str:
+    module_name, fn_name = EXTRA_COMMANDS[name].split(":")
+    fn = getattr(__import__(module_name, fromlist=[fn_name]), fn_name)
+    return (fn.__doc__ or "").strip().splitlines()[0]

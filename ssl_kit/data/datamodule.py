@@ -1,0 +1,167 @@
+"""One LightningDataModule for every method: it asks the model for its views."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ssl_kit.data.datasets import Digits, ImageFolder, LabeledImages, SyntheticImages
+
+
+def _default_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+class SSLDataModule(pl.LightningDataModule):
+    """Images for pretraining and labelled splits for evaluation.
+
+    The training transform comes from the model (``model.train_transform()``) and the evaluation
+    transform from ``model.eval_transform()``, so a method's views are defined in one place. A
+    caller without a trainer (evaluation jobs) passes them to :meth:`set_transforms`.
+
+    Args:
+        dataset: ``folder`` (images under ``root``), ``digits`` (scikit-learn's bundled digits) or
+            ``synthetic`` (generated, for tests and benchmarks).
+        root: image folder (recursive; first-level sub-folders are classes if every image has one).
+        val_root: a separate validation folder; otherwise ``val_fraction`` of ``root`` is held out.
+        val_fraction: held-out share when there is no ``val_root`` (seeded, fixed split).
+        batch_size: per-device batch size.
+        eval_batch_size: batch size for feature extraction (defaults to ``batch_size``).
+        num_workers: loader processes (default: min(8, CPUs)).
+        image_size: side of the stored digits / synthetic images.
+        synthetic_size: number of synthetic images.
+        seed: seed of the train/val split.
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["folder", "digits", "synthetic"] = "folder",
+        root: str | None = None,
+        val_root: str | None = None,
+        val_fraction: float = 0.2,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int | None = None,
+        image_size: int = 32,
+        synthetic_size: int = 256,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if dataset == "folder" and root is None:
+            raise ValueError("data.dataset='folder' needs data.root (a directory of images); "
+                             "or use data.dataset='digits' or 'synthetic'.")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction={val_fraction} is not allowed: use 0 <= val_fraction < 1.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} is not allowed: it must be >= 1.")
+        self.dataset, self.root, self.val_root = dataset, root, val_root
+        self.val_fraction, self.seed = val_fraction, seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = _default_workers() if num_workers is None else num_workers
+        self.image_size, self.synthetic_size = image_size, synthetic_size
+        self.train_transform: Callable | None = None
+        self.eval_transform: Callable | None = None
+        self._splits: dict[str, Dataset] | None = None
+
+    def set_transforms(self, train: Callable | None, eval: Callable | None) -> None:
+        self.train_transform, self.eval_transform = train, eval
+
+    def check(self) -> None:
+        """Scan the data now (before any long work) so a bad root fails at start."""
+        self._build_splits()
+
+    def _source(self, root: str | None, classes: list[str] | None = None) -> LabeledImages:
+        if self.dataset == "digits":
+            return Digits(size=self.image_size)
+        if self.dataset == "synthetic":
+            return SyntheticImages(self.synthetic_size, size=self.image_size)
+        return ImageFolder(root, classes=classes)
+
+    def _build_splits(self) -> dict[str, Dataset]:
+        if self._splits is not None:
+            return self._splits
+        full = self._source(self.root)
+        if self.val_root is not None:
+            val_source = self._source(self.val_root, classes=full.classes or None)
+            train_idx, val_idx = list(range(len(full))), None
+        else:
+            g = torch.Generator().manual_seed(self.seed)
+            order = torch.randperm(len(full), generator=g).tolist()
+            n_val = int(round(len(full) * self.val_fraction))
+            val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+            val_source = full
+        self._splits = {
+            "train": Subset(full, train_idx),
+            "val": Subset(val_source, val_idx if val_idx is not None else range(len(val_source))),
+        }
+        return self._splits
+
+    def setup(self, stage: str | None = None) -> None:
+        model = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if self.train_transform is None and model is not None:
+            self.train_transform = model.train_transform()
+        if self.eval_transform is None and model is not None:
+            self.eval_transform = model.eval_transform()
+        self._build_splits()
+
+    def split(self, name: Literal["train", "val"], transform: Callable | None) -> Dataset:
+        """The ``train`` or ``val`` split with ``transform`` applied to every image."""
+        subset = self._build_splits()[name]
+        return _Transformed(subset, transform)
+
+    def has_labels(self) -> bool:
+        splits = self._build_splits()
+        return all(_base(s).has_labels for s in splits.values())
+
+    def classes(self) -> list[str]:
+        return _base(self._build_splits()["train"]).classes
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=train and self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_transform is None:
+            raise RuntimeError("SSLDataModule has no training transform: attach it to a model or call set_transforms().")
+        dataset = self.split("train", self.train_transform)
+        if len(dataset) < self.batch_size:
+            raise ValueError(f"the training split has {len(dataset)} images, fewer than batch_size={self.batch_size}.")
+        return self._loader(dataset, self.batch_size, train=True)
+
+    def eval_dataloader(self, name: Literal["train", "val"]) -> DataLoader:
+        """Deterministic, labelled, un-augmented loader over a split (for k-NN and probes)."""
+        return self._loader(self.split(name, self.eval_transform), self.eval_batch_size, train=False)
+
+
+class _Transformed(Dataset):
+    """A view of a subset with its own transform (the same images serve training and evaluation)."""
+
+    def __init__(self, subset: Subset, transform: Callable | None) -> None:
+        self.subset, self.transform = subset, transform
+
+    def __len__(self) -> int:
+        return len(self.subset)
+
+    def __getitem__(self, index: int):
+        base = self.subset.dataset
+        i = self.subset.indices[index]
+        img = base.load(i)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, base.labels[i]
+
+
+def _base(subset: Subset) -> LabeledImages:
+    return subset.dataset

@@ -1,0 +1,62 @@
+"""Weighted k-NN classification on frozen features (Wu et al. 2018; DINO's protocol)."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def knn_search(bank: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact cosine-similarity top-k with faiss (inner product on L2-normalised features).
+
+    Shapes:
+        bank: (N, D); queries: (M, D) -> similarities (M, k) descending, indices (M, k)
+    """
+    if k > bank.shape[0]:
+        raise ValueError(f"k={k} is larger than the training set ({bank.shape[0]} features); use k <= {bank.shape[0]}.")
+    bank = F.normalize(bank.float(), dim=1).numpy()
+    queries = F.normalize(queries.float(), dim=1).numpy()
+    index = faiss.IndexFlatIP(bank.shape[1])
+    index.add(np.ascontiguousarray(bank))
+    sims, idx = index.search(np.ascontiguousarray(queries), k)
+    return torch.from_numpy(sims), torch.from_numpy(idx).long()
+
+
+def knn_vote(sims: Tensor, neighbour_labels: Tensor, num_classes: int, temperature: float) -> Tensor:
+    """Class scores from neighbours weighted by ``exp(sim / T)``.
+
+    Shapes:
+        sims, neighbour_labels: (M, k) -> scores (M, num_classes)
+    """
+    weights = (sims / temperature).exp()  # (M, k)
+    scores = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype)
+    return scores.scatter_add_(1, neighbour_labels, weights)
+
+
+def knn_predict(
+    bank: Tensor, bank_labels: Tensor, queries: Tensor, k: int = 20, temperature: float = 0.07,
+    num_classes: int | None = None,
+) -> Tensor:
+    """Class scores of each query from its k nearest bank features.
+
+    Shapes:
+        bank: (N, D); bank_labels: (N,); queries: (M, D) -> (M, num_classes)
+    """
+    num_classes = int(bank_labels.max()) + 1 if num_classes is None else num_classes
+    sims, idx = knn_search(bank, queries, k)
+    return knn_vote(sims, bank_labels[idx], num_classes, temperature)
+
+
+def knn_accuracy(
+    bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: Tensor, k: int = 20,
+    temperature: float = 0.07,
+) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (percent) of weighted k-NN."""
+    num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    scores = knn_predict(bank, bank_labels, queries, k, temperature, num_classes)
+    topk = scores.topk(min(5, num_classes), dim=1).indices  # (M, 5)
+    hits = topk == query_labels[:, None]
+    return {"top1": 100.0 * hits[:, 0].float().mean().item(), "top5": 100.0 * hits.any(1).float().mean().item()}

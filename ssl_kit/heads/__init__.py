@@ -1,0 +1,5 @@
+"""Heads and decoders used only during pretraining."""
+
+from ssl_kit.heads.mae_decoder import MAEDecoder
+
+__all__ = ["MAEDecoder"]

@@ -1,0 +1,5 @@
+"""Masks for masked-image-modelling methods. Convention everywhere: 0 = keep, 1 = removed."""
+
+from ssl_kit.masking.random import random_masking
+
+__all__ = ["random_masking"]

@@ -1,0 +1,6 @@
+"""Pretraining methods. Each is one LightningModule; importing it here is its registration."""
+
+from ssl_kit.methods.base import SSLMethod
+from ssl_kit.methods.mae import MAE
+
+__all__ = ["SSLMethod", "MAE"]

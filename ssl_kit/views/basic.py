@@ -1,0 +1,41 @@
+"""The single-view transforms of masked image modelling, and the deterministic evaluation transform."""
+
+from __future__ import annotations
+
+from torchvision.transforms import v2 as T
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _to_normalised_tensor() -> list:
+    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+class MaskedImageTransform(T.Compose):
+    """MAE/FCMAE/EVA augmentation: RandomResizedCrop(scale) + horizontal flip, then normalise.
+
+    Args:
+        img_size: output side.
+        scale: RandomResizedCrop area range (MAE: 0.2-1).
+        hflip: flip probability.
+    """
+
+    def __init__(self, img_size: int, scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5) -> None:
+        super().__init__([
+            T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.RandomHorizontalFlip(hflip),
+            *_to_normalised_tensor(),
+        ])
+
+
+class EvalTransform(T.Compose):
+    """Resize the short side to ``img_size / crop_ratio``, centre-crop ``img_size``, normalise."""
+
+    def __init__(self, img_size: int, crop_ratio: float = 0.875) -> None:
+        super().__init__([
+            T.Resize(int(round(img_size / crop_ratio)), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(img_size),
+            *_to_normalised_tensor(),
+        ])
