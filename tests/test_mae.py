@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from ssl_kit.backbones.vit import forward_visible, sincos_pos_embed_2d
+from ssl_kit.losses import masked_mse, patchify, pixel_targets, unpatchify
+from ssl_kit.masking import random_masking
+from ssl_kit.methods import MAE
+from ssl_kit.methods.base import weight_decay_groups
+
+from conftest import TINY_MAE
+
+
+def test_patchify_roundtrip_and_order():
+    imgs = torch.randn(2, 3, 8, 12)
+    patches = patchify(imgs, 4)  # (B, 6, 48)
+    assert patches.shape == (2, 6, 48)
+    assert torch.equal(unpatchify(patches, 4, (2, 3)), imgs)
+    # patch 1 is the top row, second column: pixels [0:4, 4:8]
+    assert torch.equal(patches[0, 1].reshape(4, 4, 3).permute(2, 0, 1), imgs[0, :, 0:4, 4:8])
+
+
+def test_norm_pix_targets_are_standardised_per_patch():
+    t = pixel_targets(torch.rand(2, 3, 8, 8) * 5 + 3, 4, norm_pix=True)
+    assert torch.allclose(t.mean(-1), torch.zeros(2, 4), atol=1e-5)
+    assert torch.allclose(t.var(-1), torch.ones(2, 4), atol=1e-3)
+
+
+def test_masked_mse_against_hand_computed_value():
+    pred = torch.zeros(1, 3, 2)
+    target = torch.tensor([[[1.0, 1.0], [2.0, 0.0], [3.0, 3.0]]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    # removed patches: mean((1,1)^2)=1, mean((2,0)^2)=2 -> (1 + 2) / 2
+    assert masked_mse(pred, target, mask).item() == pytest.approx(1.5)
+
+
+def test_loss_ignores_visible_patches(tiny_mae):
+    imgs = torch.randn(2, 3, 32, 32)
+    target = pixel_targets(imgs, 4, norm_pix=True)
+    _, mask, _ = random_masking(64, 0.75, 2)
+    wrong_on_visible = target + 10.0 * (1 - mask).unsqueeze(-1)
+    assert masked_mse(wrong_on_visible, target, mask).item() == 0.0
+    assert masked_mse(target + 1.0, target, mask).item() == pytest.approx(1.0)
+
+
+def test_encoder_sees_only_visible_patches(tiny_mae):
+    """Changing the pixels of removed patches leaves the encoder output unchanged."""
+    tiny_mae.eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    ids_keep, mask, _ = random_masking(64, 0.75, 2)
+    pixel_mask = mask.reshape(2, 1, 8, 8).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    tampered = imgs + 100.0 * torch.randn_like(imgs) * pixel_mask
+    with torch.no_grad():
+        a = forward_visible(tiny_mae.encoder, imgs, ids_keep)
+        b = forward_visible(tiny_mae.encoder, tampered, ids_keep)
+        c = forward_visible(tiny_mae.encoder, imgs + 0.1 * (1 - pixel_mask), ids_keep)
+    assert a.shape == (2, 1 + 16, tiny_mae.encoder.embed_dim)  # cls + K visible, no mask tokens
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)  # and it does see the visible ones
+
+
+def test_forward_shapes_and_decoder_unshuffle(tiny_mae):
+    loss, pred, mask = tiny_mae(torch.randn(3, 3, 32, 32))
+    assert pred.shape == (3, 64, 48) and mask.shape == (3, 64)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_sincos_pos_embed_is_fixed_and_distinct(tiny_mae):
+    pe = tiny_mae.encoder.pos_embed
+    assert not pe.requires_grad
+    assert torch.equal(pe[0, 0], torch.zeros_like(pe[0, 0]))  # cls slot
+    assert torch.allclose(pe[0, 1:], sincos_pos_embed_2d(pe.shape[-1], 8, 8))
+    assert torch.unique(pe[0, 1:], dim=0).shape[0] == 64
+
+
+def test_extract_features_shape(tiny_mae):
+    assert tiny_mae.extract_features(torch.randn(2, 3, 32, 32)).shape == (2, 192)
+
+
+def test_weight_decay_groups_skip_bias_norm_tokens(tiny_mae):
+    decay, no_decay = weight_decay_groups(tiny_mae)
+    ids = {id(p) for p in no_decay["params"]}
+    assert id(tiny_mae.encoder.cls_token) in ids
+    assert id(tiny_mae.decoder.mask_token) in ids
+    assert id(tiny_mae.encoder.blocks[0].norm1.weight) in ids
+    assert id(tiny_mae.encoder.blocks[0].attn.qkv.bias) in ids
+    assert id(tiny_mae.encoder.blocks[0].attn.qkv.weight) in {id(p) for p in decay["params"]}
+    assert id(tiny_mae.encoder.pos_embed) not in ids | {id(p) for p in decay["params"]}  # frozen
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_learns_a_fixed_batch():
+    torch.manual_seed(0)
+    mae = MAE(**TINY_MAE)
+    imgs = torch.randn(4, 3, 32, 32)
+    opt = torch.optim.AdamW(mae.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(40):
+        ids_keep, mask, ids_restore = random_masking(64, 0.75, 4, generator=g)
+        latent = forward_visible(mae.encoder, imgs, ids_keep)
+        pred = mae.decoder(latent, ids_restore)
+        loss = masked_mse(pred, pixel_targets(imgs, 4, True), mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(img_size=30), "not divisible by patch_size=4"),
+        (dict(mask_ratio=1.0), "mask_ratio=1.0"),
+        (dict(mask_ratio=0.0), "mask_ratio=0.0"),
+        (dict(model_name="vit_tinyy_patch16_224"), "Unknown timm model name 'vit_tinyy_patch16_224'"),
+        (dict(model_name="resnet18"), "not a timm VisionTransformer"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MAE(**{**TINY_MAE, **kwargs})
+
+
+@pytest.mark.parametrize("name, patch, size", [("vit_small_patch16_224", 8, 48), ("vit_base_patch32_224", None, 64)])
+def test_any_timm_vit(name, patch, size):
+    mae = MAE(name, img_size=size, patch_size=patch, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    loss, pred, mask = mae(torch.randn(2, 3, size, size))
+    L = (size // mae.patch_size) ** 2
+    assert pred.shape == (2, L, mae.patch_size**2 * 3) and torch.isfinite(loss)
