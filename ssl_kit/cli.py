@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from jsonargparse import CLI
@@ -73,15 +74,31 @@ class SSLCLI(LightningCLI):
             }
         print(f"run directory: {run_dir}")
 
+    def instantiate_classes(self) -> None:
+        with user_errors():
+            super().instantiate_classes()
+
     def before_fit(self) -> None:
         # Scan the data before any long work so a bad root or empty folder fails at once.
-        self.datamodule.check()
+        with user_errors():
+            self.datamodule.check()
+
+
+@contextmanager
+def user_errors():
+    """Turn configuration errors (bad values, missing files) into one clean line, exit code 2."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
 
 
 def run_extra(name: str, argv: list[str]) -> None:
     module_name, fn_name = EXTRA_COMMANDS[name].split(":")
     module = __import__(module_name, fromlist=[fn_name])
-    CLI(getattr(module, fn_name), args=argv, as_positional=True)
+    with user_errors():
+        CLI(getattr(module, fn_name), args=argv, as_positional=True)
 
 
 HELP_HEADER = """usage: python -m ssl_kit {fit,validate,test,predict,%s} ...

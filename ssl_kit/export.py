@@ -36,7 +36,7 @@ def encoder_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") ->
     return info["encoder_name"], dict(info["encoder_kwargs"]), state
 
 
-def export(checkpoint: str, output: str) -> Path:
+def export(checkpoint: str, output: str | None = None) -> Path:
     """Write the encoder of an ssl_kit checkpoint as safetensors in timm's key layout.
 
     The file's metadata holds the timm model name and its arguments, so
@@ -45,10 +45,10 @@ def export(checkpoint: str, output: str) -> Path:
 
     Args:
         checkpoint: an ssl_kit ``.ckpt`` (any method).
-        output: destination ``.safetensors`` path.
+        output: destination ``.safetensors`` path (default: the checkpoint's path with that suffix).
     """
     name, kwargs, state = encoder_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
-    out = Path(output)
+    out = Path(output) if output is not None else Path(checkpoint).with_suffix(".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"timm_model": name, "timm_kwargs": json.dumps(kwargs), "format": "pt"}
     tmp = out.with_suffix(out.suffix + ".tmp")

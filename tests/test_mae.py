@@ -2,10 +2,12 @@ import pytest
 import torch
 
 from ssl_kit.backbones.vit import forward_visible, sincos_pos_embed_2d
+from ssl_kit.data import Digits
 from ssl_kit.losses import masked_mse, patchify, pixel_targets, unpatchify
 from ssl_kit.masking import random_masking
 from ssl_kit.methods import MAE
 from ssl_kit.methods.base import weight_decay_groups
+from ssl_kit.views import EvalTransform
 
 from conftest import TINY_MAE
 
@@ -89,22 +91,23 @@ def test_weight_decay_groups_skip_bias_norm_tokens(tiny_mae):
 
 
 def test_learns_a_fixed_batch():
+    """Overfitting check: one fixed batch of digits and a fixed mask; the loss must halve in 40 steps."""
     torch.manual_seed(0)
     mae = MAE(**TINY_MAE)
-    imgs = torch.randn(4, 3, 32, 32)
+    digits = Digits(32, transform=EvalTransform(32, crop_ratio=1.0))
+    imgs = torch.stack([digits[i][0] for i in range(8)])
+    target = pixel_targets(imgs, 4, norm_pix=True)
     opt = torch.optim.AdamW(mae.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
     losses = []
-    for step in range(40):
-        ids_keep, mask, ids_restore = random_masking(64, 0.75, 4, generator=g)
-        latent = forward_visible(mae.encoder, imgs, ids_keep)
-        pred = mae.decoder(latent, ids_restore)
-        loss = masked_mse(pred, pixel_targets(imgs, 4, True), mask)
+    for _ in range(40):
+        ids_keep, mask, ids_restore = random_masking(64, 0.75, 8, generator=torch.Generator().manual_seed(0))
+        pred = mae.decoder(forward_visible(mae.encoder, imgs, ids_keep), ids_restore)
+        loss = masked_mse(pred, target, mask)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert min(losses[-5:]) < 0.5 * losses[0], losses
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 @pytest.mark.parametrize(
@@ -122,7 +125,7 @@ def test_bad_arguments_are_named(kwargs, message):
         MAE(**{**TINY_MAE, **kwargs})
 
 
-@pytest.mark.parametrize("name, patch, size", [("vit_small_patch16_224", 8, 48), ("vit_base_patch32_224", None, 64)])
+@pytest.mark.parametrize("name, patch, size", [("vit_small_patch16_224", 8, 48), ("vit_small_patch32_224", None, 64)])
 def test_any_timm_vit(name, patch, size):
     mae = MAE(name, img_size=size, patch_size=patch, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
     loss, pred, mask = mae(torch.randn(2, 3, size, size))

@@ -77,15 +77,16 @@ def create_vit(
     check_timm_name(model_name)
     if patch_size is not None:
         kwargs["patch_size"] = patch_size
-    model = timm.create_model(
-        model_name, pretrained=False, num_classes=0, img_size=img_size, in_chans=in_chans,
-        drop_path_rate=drop_path_rate, **kwargs,
-    )
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(
-            f"{model_name!r} is a {type(model).__name__}, not a timm VisionTransformer; "
-            "MAE and EVA need a plain ViT (vit_* names)."
+    not_a_vit = ValueError(f"{model_name!r} is not a timm VisionTransformer; MAE and EVA need a plain ViT (vit_* names).")
+    try:
+        model = timm.create_model(
+            model_name, pretrained=False, num_classes=0, img_size=img_size, in_chans=in_chans,
+            drop_path_rate=drop_path_rate, **kwargs,
         )
+    except TypeError as err:  # a non-ViT constructor rejects img_size / patch_size
+        raise not_a_vit from err
+    if not isinstance(model, VisionTransformer):
+        raise not_a_vit
     p = model.patch_embed.patch_size[0]
     if img_size % p:
         raise ValueError(f"img_size={img_size} is not divisible by patch_size={p}; choose a multiple of {p}.")
