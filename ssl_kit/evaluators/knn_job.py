@@ -97,17 +97,15 @@ def knn(
     torch.manual_seed(seed)
     model = load_encoder(encoder, arch, img_size).to(fabric.device)
     size = model.pretrained_cfg["input_size"][-1]
-    transform = EvalTransform(size)
     start = time.perf_counter()
-    splits = {}
-    for name in ("train", "val"):
-        splits[name] = extract_features_sharded(
-            model, data.split(name, transform), data.eval_batch_size, data.num_workers, fabric.device
-        )
+    (bank, bank_y), (query, query_y) = (
+        extract_features_sharded(model, data.split(name, EvalTransform(size)), data.eval_batch_size,
+                                 data.num_workers, fabric.device)
+        for name in ("train", "val")
+    )
     extract_s = time.perf_counter() - start
     if fabric.global_rank != 0:
         return None
-    (bank, bank_y), (query, query_y) = splits["train"], splits["val"]
     start = time.perf_counter()
     accuracy = knn_accuracies(bank, bank_y, query, query_y, ks, temperature, len(classes))
     results = {
