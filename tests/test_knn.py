@@ -80,20 +80,28 @@ def test_job_rejects_unlabelled_data(tmp_path):
     for i in range(6):
         Image.new("RGB", (8, 8)).save(root / f"{i}.png")
     with pytest.raises(ValueError, match="k-NN needs labelled images"):
-        knn(encoder="resnet18", data=EvalData(root=str(root), num_workers=0), k=[1])
+        knn(encoder="resnet18", data=EvalData(root=str(root), num_workers=0), k=[1], output=str(tmp_path / "o.json"))
 
 
 def test_job_rejects_differing_class_lists(tmp_path):
     train = _folder(tmp_path / "train", {"cat": 3, "dog": 3})
     val = _folder(tmp_path / "val", {"cat": 2, "emu": 2})
     with pytest.raises(ValueError, match=r"class lists.*differ.*only in root \['dog'\].*only in val_root \['emu'\]"):
-        knn(encoder="resnet18", data=EvalData(root=train, val_root=val, num_workers=0), k=[1])
+        knn(encoder="resnet18", data=EvalData(root=train, val_root=val, num_workers=0), k=[1],
+            output=str(tmp_path / "o.json"))
 
 
-def test_job_rejects_k_larger_than_the_training_set():
+def test_job_rejects_k_larger_than_the_training_set(tmp_path):
     data = EvalData(dataset="synthetic", synthetic_size=20, val_fraction=0.5, num_workers=0)
     with pytest.raises(ValueError, match=r"k=\[200\] is larger than the training set \(10 images\)"):
-        knn(encoder="resnet18", data=data, k=[1, 200])
+        knn(encoder="resnet18", data=data, k=[1, 200], output=str(tmp_path / "o.json"))
+
+
+def test_job_rejects_an_unwritable_output_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the output folder should be
+    with pytest.raises(ValueError, match="cannot create .* pass --output"):
+        knn(encoder="resnet18", data=EvalData(dataset="synthetic", num_workers=0), output=str(blocker / "r.json"))
 
 
 # --- the job end to end, and its DDP equivalence -----------------------------------------------

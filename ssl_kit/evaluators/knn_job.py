@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import final
@@ -52,6 +53,17 @@ def default_output(encoder: str) -> Path:
     return Path("runs/knn") / f"knn_{encoder.replace('/', '_')}.json"
 
 
+def writable_output(path: Path) -> Path:
+    """``path`` once its folder exists and is writable; checked before any feature is computed."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create {str(path.parent)!r} for the results ({err}); pass --output.") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ValueError(f"cannot write the results to {str(path)!r} (folder not writable); pass --output.")
+    return path
+
+
 def knn(
     *,
     encoder: str,
@@ -87,6 +99,7 @@ def knn(
         num_nodes: nodes (with ``srun``/``torchrun``).
         seed: seeds the random initialisation of a timm-name encoder.
     """
+    path = writable_output(Path(output) if output else default_output(encoder))
     classes = check_eval_data(data, "k-NN")
     ks = check_ks(k, len(data.split("train", None)))
     if temperature <= 0:
@@ -116,8 +129,6 @@ def knn(
         "knn": {str(kk): acc for kk, acc in accuracy.items()},
         "seconds": {"features": round(extract_s, 3), "search": round(time.perf_counter() - start, 3)},
     }
-    path = Path(output) if output else default_output(encoder)
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
     print(format_results(results, path))
     return results
