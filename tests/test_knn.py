@@ -135,7 +135,7 @@ def _fit_with_online_knn(tmp_path, **trainer_kwargs):
 
     torch.manual_seed(0)
     mae = MAE(**TINY_MAE)
-    dm = SSLDataModule(dataset="synthetic", synthetic_size=40, batch_size=8, num_workers=0)
+    dm = SSLDataModule(dataset="synthetic", synthetic_size=24, batch_size=8, num_workers=0)
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                          callbacks=[OnlineKNN(every_n_epochs=1, k=5)], **trainer_kwargs)
