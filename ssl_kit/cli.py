@@ -16,6 +16,7 @@ from ssl_kit.methods import SSLMethod
 #: Jobs that are not Trainer methods: name -> "module:function", each run through jsonargparse.
 EXTRA_COMMANDS = {
     "export": "ssl_kit.export:export",
+    "knn": "ssl_kit.evaluators.knn_job:knn",
 }
 
 CHECKPOINT_SUFFIXES = (".ckpt",)

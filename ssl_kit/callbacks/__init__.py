@@ -2,6 +2,7 @@
 
 from ssl_kit.callbacks.checkpoint import RunCheckpoint
 from ssl_kit.callbacks.monitor import ReconstructionGrid, Throughput
+from ssl_kit.callbacks.online_knn import OnlineKNN
 from ssl_kit.callbacks.report import KNNReport
 
-__all__ = ["RunCheckpoint", "ReconstructionGrid", "Throughput", "KNNReport"]
+__all__ = ["RunCheckpoint", "ReconstructionGrid", "Throughput", "KNNReport", "OnlineKNN"]

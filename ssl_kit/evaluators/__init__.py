@@ -2,5 +2,6 @@
 
 from ssl_kit.evaluators.features import extract_features
 from ssl_kit.evaluators.knn import knn_accuracy, knn_predict
+from ssl_kit.evaluators.load import load_encoder
 
-__all__ = ["extract_features", "knn_accuracy", "knn_predict"]
+__all__ = ["extract_features", "knn_accuracy", "knn_predict", "load_encoder"]

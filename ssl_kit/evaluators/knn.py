@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import faiss
 import numpy as np
 import torch
@@ -50,13 +52,48 @@ def knn_predict(
     return knn_vote(sims, bank_labels[idx], num_classes, temperature)
 
 
+def check_ks(ks: Sequence[int], num_bank: int) -> list[int]:
+    """Validate neighbour counts against the bank size; returns them sorted and de-duplicated."""
+    if not ks:
+        raise ValueError("k must list at least one neighbour count, e.g. [10, 20, 100, 200].")
+    bad = [k for k in ks if k < 1]
+    if bad:
+        raise ValueError(f"k={bad} is not allowed: every k must be >= 1.")
+    too_large = [k for k in ks if k > num_bank]
+    if too_large:
+        raise ValueError(f"k={too_large} is larger than the training set ({num_bank} images); use k <= {num_bank}.")
+    return sorted(set(int(k) for k in ks))
+
+
+def knn_accuracies(
+    bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: Tensor,
+    ks: Sequence[int] = (10, 20, 100, 200), temperature: float = 0.07, num_classes: int | None = None,
+) -> dict[int, dict[str, float]]:
+    """Top-1 and top-5 accuracy (percent) of weighted k-NN for several k, from a single search
+    with the largest k (faiss returns neighbours sorted, so each k is a prefix).
+
+    Shapes:
+        bank: (N, D); bank_labels: (N,); queries: (M, D); query_labels: (M,)
+    """
+    ks = check_ks(ks, bank.shape[0])
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} is not allowed: it must be > 0.")
+    if num_classes is None:
+        num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    sims, idx = knn_search(bank, queries, max(ks))  # (M, max k)
+    neighbour_labels = bank_labels[idx]  # (M, max k)
+    results = {}
+    for k in ks:
+        scores = knn_vote(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature)  # (M, C)
+        topk = scores.topk(min(5, num_classes), dim=1).indices  # (M, 5)
+        hits = topk == query_labels[:, None]
+        results[k] = {"top1": 100.0 * hits[:, 0].float().mean().item(), "top5": 100.0 * hits.any(1).float().mean().item()}
+    return results
+
+
 def knn_accuracy(
     bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: Tensor, k: int = 20,
     temperature: float = 0.07,
 ) -> dict[str, float]:
     """Top-1 and top-5 accuracy (percent) of weighted k-NN."""
-    num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
-    scores = knn_predict(bank, bank_labels, queries, k, temperature, num_classes)
-    topk = scores.topk(min(5, num_classes), dim=1).indices  # (M, 5)
-    hits = topk == query_labels[:, None]
-    return {"top1": 100.0 * hits[:, 0].float().mean().item(), "top5": 100.0 * hits.any(1).float().mean().item()}
+    return knn_accuracies(bank, bank_labels, queries, query_labels, [k], temperature)[k]
