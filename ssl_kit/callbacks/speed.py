@@ -26,16 +26,17 @@ def auto_precision(accelerator: object = "auto") -> str:
     return "32-true"
 
 
-def fuse_adam(optimizer: Optimizer) -> Optimizer:
-    """The same Adam/AdamW rebuilt with ``fused=True`` (one CUDA kernel per step for all tensors)
-    when every parameter is on CUDA; any other optimizer, or one already fused, is returned as is.
+def fuse_adam(optimizer: Optimizer, device_type: str = "cuda") -> Optimizer:
+    """The same Adam/AdamW rebuilt with ``fused=True`` (one kernel per step for all tensors)
+    when every parameter is on ``device_type``; any other optimizer, or one already fused, is
+    returned as is.
 
     Rebuilt from its own ``defaults`` and parameter groups, so per-group lr / weight decay stay.
     """
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.defaults.get("fused"):
         return optimizer
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    if not params or not all(p.is_cuda and p.is_floating_point() for p in params):
+    if not params or not all(p.device.type == device_type and p.is_floating_point() for p in params):
         return optimizer
     accepted = inspect.signature(type(optimizer)).parameters
     skip = ("fused", "foreach")
