@@ -228,3 +228,15 @@ def test_fsdp_config_resolves_to_block_wrapping(tmp_path):
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
     assert strategy.kwargs["use_orig_params"] is True
     assert strategy._state_dict_type == "full"
+
+
+def test_weight_decay_groups_survive_fsdp_flattening(tiny_mae):
+    from ssl_kit.methods.base import weight_decay_groups
+
+    before = [len(g["params"]) for g in weight_decay_groups(tiny_mae)]
+    SpeedUp().setup(_fake_trainer(), tiny_mae, "fit")  # runs before the strategy wraps the model
+    with torch.no_grad():
+        for p in tiny_mae.parameters():  # what FSDP's use_orig_params does: 1-D views of shards
+            p.data = p.data.flatten()
+    assert [len(g["params"]) for g in weight_decay_groups(tiny_mae)] == before
+    assert before[0] > 20

@@ -108,6 +108,8 @@ class SpeedUp(pl.Callback):
                 f"precision={trainer.precision!r} with {type(pl_module).__name__}: pixel-regression "
                 "losses overflow in fp16 (NaN losses at scale); use bf16-mixed (Ampere or newer GPUs)."
             )
+        for p in pl_module.parameters():  # FSDP later turns every parameter into a 1-D shard
+            p.orig_ndim = p.ndim  # read by weight_decay_groups: matrices keep their weight decay
         if self.channels_last:
             pl_module.to(memory_format=torch.channels_last)
         if self.compile:

@@ -35,7 +35,8 @@ def weight_decay_groups(module: nn.Module) -> list[dict[str, Any]]:
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES:
+        ndim = getattr(p, "orig_ndim", p.ndim)  # FSDP flattens shards to 1-D; SpeedUp records the true ndim
+        if ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES:
             no_decay.append(p)
         else:
             decay.append(p)
