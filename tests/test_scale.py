@@ -98,9 +98,13 @@ def test_ddp_two_processes_equal_one_process_with_same_global_batch(tmp_path, mo
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # restored after: seed_everything writes it
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
-    main(["fit", "--config", str(cfg), "--trainer.devices", "1", "--data.batch_size", str(2 * b),
-          "--trainer.default_root_dir", str(tmp_path / "one")])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocess ran with 1 thread too; contended OpenMP threads crawl
+    try:
+        main(["fit", "--config", str(cfg), "--trainer.devices", "1", "--data.batch_size", str(2 * b),
+              "--trainer.default_root_dir", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
 
     one = json.loads((tmp_path / "one" / "rank0.json").read_text())
     ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in range(2)]
