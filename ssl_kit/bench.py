@@ -159,6 +159,7 @@ def device_peak_tflops(device: torch.device, precision: str) -> tuple[float, str
 
 
 def peak_memory_gib(device: torch.device) -> tuple[float, str]:
+    """(GiB, what it is): CUDA max allocated since the timed steps began; on CPU the process's max RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "CUDA max allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process max RSS"
