@@ -9,7 +9,8 @@ from pathlib import Path
 from jsonargparse import CLI
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from ssl_kit.callbacks import RunCheckpoint
+from ssl_kit.callbacks import RunCheckpoint, SpeedUp
+from ssl_kit.callbacks.speed import auto_precision
 from ssl_kit.data import SSLDataModule
 from ssl_kit.methods import SSLMethod
 
@@ -17,6 +18,7 @@ from ssl_kit.methods import SSLMethod
 EXTRA_COMMANDS = {
     "export": "ssl_kit.export:export",
     "knn": "ssl_kit.evaluators.knn_job:knn",
+    "bench": "ssl_kit.bench:bench",
 }
 
 CHECKPOINT_SUFFIXES = (".ckpt",)
@@ -51,6 +53,7 @@ class SSLCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(SpeedUp, "speed")
         parser.set_defaults({"trainer.default_root_dir": "runs/default"})
 
     def before_instantiate_classes(self) -> None:
@@ -66,6 +69,8 @@ class SSLCLI(LightningCLI):
             elif config.ckpt_path == "last" and not (run_dir / "last.ckpt").is_file():
                 raise SystemExit(f"error: --ckpt_path last: no {run_dir / 'last.ckpt'} to resume from.")
         config.trainer.default_root_dir = str(run_dir)
+        if config.trainer.precision is None:  # unset = auto: bf16-mixed on a bf16 GPU, else 32-true
+            config.trainer.precision = auto_precision(config.trainer.accelerator)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(run_dir)
         if config.trainer.logger in (None, True):
@@ -98,8 +103,11 @@ def user_errors():
 def run_extra(name: str, argv: list[str]) -> None:
     module_name, fn_name = EXTRA_COMMANDS[name].split(":")
     module = __import__(module_name, fromlist=[fn_name])
+    fn = getattr(module, fn_name)
     with user_errors():
-        CLI(getattr(module, fn_name), args=argv, as_positional=True)
+        if getattr(fn, "parses_own_args", False):  # e.g. bench: takes fit's config and --model.* flags
+            return fn(argv)
+        CLI(fn, args=argv, as_positional=True)
 
 
 HELP_HEADER = """usage: python -m ssl_kit {fit,validate,test,predict,%s} ...

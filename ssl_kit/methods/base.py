@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Iterable
 
 import pytorch_lightning as pl
@@ -34,7 +35,8 @@ def weight_decay_groups(module: nn.Module) -> list[dict[str, Any]]:
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES:
+        ndim = getattr(p, "orig_ndim", p.ndim)  # FSDP flattens shards to 1-D; SpeedUp records the true ndim
+        if ndim <= 1 or name.rsplit(".", 1)[-1] in NO_DECAY_NAMES:
             no_decay.append(p)
         else:
             decay.append(p)
@@ -69,6 +71,8 @@ class SSLMethod(pl.LightningModule):
     encoder: nn.Module
     encoder_spec: tuple[str, dict[str, Any]]
     img_size: int
+    #: False for methods that regress raw pixels (MAE-style): fp16 overflows there, use bf16.
+    fp16_safe: bool = True
 
     def __init__(
         self,
@@ -104,6 +108,19 @@ class SSLMethod(pl.LightningModule):
         """A freshly initialised encoder of the same architecture (used for random-init baselines)."""
         raise NotImplementedError
 
+    def example_batch(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[Any, Tensor]:
+        """A synthetic training batch shaped like the data module's, built on ``device``.
+
+        ``bench`` times training steps on it, so the data pipeline is never the bottleneck.
+        The default is one view at ``img_size``; multi-crop methods override it to return their
+        list of views (the shapes ``train_transform`` produces).
+
+        Shapes:
+            returns (views (B, C, H, W) or a list of them, labels (B,))
+        """
+        views = torch.randn(batch_size, 3, self.img_size, self.img_size, device=device)
+        return views, torch.zeros(batch_size, dtype=torch.long, device=device)
+
     # --- optimisation ---------------------------------------------------------------------
     def global_batch_size(self) -> int:
         """Per-device batch x world size x gradient accumulation, as the trainer will run it."""
@@ -134,6 +151,21 @@ class SSLMethod(pl.LightningModule):
         warmup = min(total, int(round(self.warmup_epochs * steps_per_epoch)))
         schedule = LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total, self.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --- reproducible randomness -----------------------------------------------------------
+    def step_generator(self, device: torch.device | str) -> torch.Generator:
+        """An RNG seeded by (run seed, optimizer step, micro-batch) for this training batch.
+
+        It is the same on every rank and independent of RNG history, so a method that draws
+        its per-sample randomness (e.g. masks) for the *global* batch from it and keeps its own
+        rank's rows gets the same draws at any world size and after an exact resume.
+        """
+        trainer = self.trainer
+        micro = trainer.fit_loop.epoch_loop.batch_idx % max(1, trainer.accumulate_grad_batches)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        g = torch.Generator(device=device)
+        g.manual_seed(hash((seed, trainer.global_step, micro)) & (2**63 - 1))
+        return g
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lets `export` and `load_encoder` rebuild the encoder without instantiating the method.

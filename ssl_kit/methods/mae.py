@@ -38,6 +38,8 @@ class MAE(SSLMethod):
         >>> loss, pred, mask = mae(torch.randn(2, 3, 32, 32))
     """
 
+    fp16_safe = False  # pixel regression overflows fp16 at scale; use bf16-mixed
+
     def __init__(
         self,
         model_name: str = "vit_base_patch16_224",
@@ -92,13 +94,29 @@ class MAE(SSLMethod):
             imgs: (B, C, H, W) -> loss (), pred (B, L, P), mask (B, L) with 1 = removed.
         """
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        ids_keep, mask, ids_restore = random_masking(
-            num_patches(self.encoder), ratio, imgs.shape[0], device=imgs.device
-        )
+        ids_keep, mask, ids_restore = self.draw_masks(imgs.shape[0], ratio, imgs.device)
         latent = forward_visible(self.encoder, imgs, ids_keep)  # (B, n_prefix + K, D)
         pred = self.decoder(latent, ids_restore)  # (B, L, P)
         target = pixel_targets(imgs, self.patch_size, self.norm_pix_loss)  # (B, L, P)
         return masked_mse(pred, target, mask), pred, mask
+
+    def draw_masks(self, batch_size: int, mask_ratio: float, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-sample masks; in a training step a function of (seed, step, position in the global batch).
+
+        Every rank draws the masks of the whole global batch from :meth:`step_generator` and keeps
+        its own rows, so a run on N processes masks exactly like one process with the N-fold batch,
+        and a resumed run masks like an uninterrupted one.
+
+        Shapes:
+            returns ids_keep (B, K), mask (B, L), ids_restore (B, L); see :func:`random_masking`.
+        """
+        L = num_patches(self.encoder)
+        if not self.training or self._trainer is None:
+            return random_masking(L, mask_ratio, batch_size, device=device)
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        drawn = random_masking(L, mask_ratio, world * batch_size, device, self.step_generator(device))
+        rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        return tuple(t[rows] for t in drawn)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         imgs, _ = batch

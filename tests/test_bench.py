@@ -1,0 +1,83 @@
+"""`python -m ssl_kit bench`: positive figures, JSON output, FLOPs against an analytic count."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO
+from ssl_kit.cli import main
+
+TINY_OVERRIDES = [
+    "--data.batch_size", "4", "--steps", "3", "--warmup_steps", "1",
+    "--model.init_args.decoder_embed_dim", "64", "--model.init_args.decoder_depth", "1",
+    "--model.init_args.decoder_num_heads", "2",
+]
+
+
+@pytest.fixture
+def one_thread():
+    # Under CPU contention, 2 OpenMP threads on 2 shared cores run ~20x slower than 1.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def mae_train_step_flops(model) -> float:
+    """Analytic matmul FLOPs of one MAE training step per image (forward + backward).
+
+    Linear layers: 2*N*in*out forward, twice that backward (input and weight gradients);
+    attention: 4*N^2*D forward (QK^T and AV), twice that backward. The patch embedding's input
+    needs no gradient, so its backward is one weight gradient only.
+    """
+    enc, dec = model.encoder, model.decoder
+    D, L, n_prefix = enc.embed_dim, model.grid[0] * model.grid[1], enc.num_prefix_tokens
+    P = model.patch_size**2 * 3
+    mlp = enc.blocks[0].mlp.fc1.out_features // D
+    K = int(L * (1 - model.mask_ratio))
+    Dd, N_enc, N_dec = dec.embed.out_features, n_prefix + K, n_prefix + L
+
+    def blocks(n_tokens, width, depth, ratio):
+        per_block = 2 * n_tokens * width * width * (3 + 1 + 2 * ratio) + 4 * n_tokens**2 * width
+        return depth * per_block
+
+    patch = 2 * L * P * D
+    forward = (
+        patch + blocks(N_enc, D, len(enc.blocks), mlp)
+        + 2 * N_enc * D * Dd + blocks(N_dec, Dd, len(dec.blocks), 4) + 2 * L * Dd * P
+    )
+    return 3 * forward - patch
+
+
+def test_bench_cpu_figures_and_flops_match_analytic(tmp_path, capsys, one_thread):
+    out = tmp_path / "bench.json"
+    main(["bench", "--config", str(REPO / "configs/demo/mae.yaml"), *TINY_OVERRIDES, "--output", str(out)])
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert "img/s" in printed and "MFU" in printed and str(out) in printed
+    for key in ("img_per_s", "step_time_s", "flops_per_img", "achieved_tflops", "peak_tflops", "mfu", "peak_memory_gib"):
+        assert result[key] > 0, (key, result[key])
+    assert result["device"] == "cpu" and result["precision"] == "32-true" and result["batch_size"] == 4
+    assert result["peak_source"].startswith("measured float32 matmul")
+    assert result["img_per_s"] == pytest.approx(4 / result["step_time_s"])
+
+    from ssl_kit.methods import MAE
+
+    model = MAE("vit_tiny_patch16_224", img_size=32, patch_size=4, decoder_embed_dim=64, decoder_depth=1,
+                decoder_num_heads=2)
+    expected = mae_train_step_flops(model)
+    assert result["flops_per_img"] == pytest.approx(expected, rel=0.05)
+
+
+def test_bench_rejects_steps_not_above_warmup(tmp_path):
+    with pytest.raises(ValueError, match="--steps 2 must exceed --warmup_steps 2"):
+        main(["bench", "--config", str(REPO / "configs/demo/mae.yaml"), "--steps", "2", "--warmup_steps", "2",
+              "--output", str(tmp_path / "b.json")])
+
+
+def test_example_batch_default_is_one_view_on_device(tiny_mae):
+    views, labels = tiny_mae.example_batch(3, "cpu")
+    assert views.shape == (3, 3, 32, 32) and labels.shape == (3,)

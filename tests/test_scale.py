@@ -1,0 +1,246 @@
+"""Scale-out: DDP parity with one process, lr scaling by the true global batch, step-seeded
+masks, precision choice, speed options, the FSDP config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, TINY_MAE, assert_ok
+from ssl_kit.callbacks import SpeedUp
+from ssl_kit.callbacks.speed import auto_precision, compile_blocks, fuse_adam
+
+# Records, per rank, the step-1 loss, the lr it used and the global batch; rank 0 also saves
+# the weights before and after the step.
+PROBE = '''
+import json, os, torch
+import pytorch_lightning as pl
+
+class LossProbe(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            torch.save(dict(pl_module.state_dict()), os.path.join(trainer.default_root_dir, "init.pt"))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lr = trainer.optimizers[0].param_groups[0]["lr"]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        record = dict(loss=float(outputs["loss"]), lr=self.lr, world=trainer.world_size,
+                      local_batch=int(batch[0].shape[0]), precision=str(trainer.precision),
+                      global_batch=pl_module.hparams_extra["global_batch_size"])
+        root = trainer.default_root_dir
+        with open(os.path.join(root, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(record, f)
+        if trainer.is_global_zero:
+            torch.save(dict(pl_module.state_dict()), os.path.join(root, "after.pt"))
+'''
+
+
+def _write_run_inputs(tmp_path, n_images: int):
+    """Identical, left-right symmetric images (so crop-scale-1 + flip augmentation is the
+    identity and the data order cannot matter), the probe module and a tiny-MAE SGD config."""
+    rng = np.random.default_rng(0)
+    half = rng.integers(0, 256, size=(32, 16, 3), dtype=np.uint8)
+    img = Image.fromarray(np.concatenate([half, half[:, ::-1]], axis=1))
+    (tmp_path / "images").mkdir()
+    for i in range(n_images):
+        img.save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "loss_probe.py").write_text(PROBE)
+    model_args = "\n".join(f"    {k}: {v}" for k, v in TINY_MAE.items())
+    (tmp_path / "cfg.yaml").write_text(textwrap.dedent("""\
+        seed_everything: 0
+        trainer:
+          accelerator: cpu
+          max_steps: 1
+          max_epochs: 1
+          enable_progress_bar: false
+          enable_model_summary: false
+          logger: false
+          callbacks: [{class_path: loss_probe.LossProbe}]
+        model:
+          class_path: ssl_kit.methods.MAE
+          init_args:
+        """) + model_args + textwrap.dedent(f"""
+            crop_scale: [1.0, 1.0]
+            optimizer: {{class_path: torch.optim.SGD, init_args: {{lr: 1.0}}}}
+        data:
+          dataset: folder
+          root: {tmp_path / 'images'}
+          val_fraction: 0.0
+          num_workers: 0
+        """))
+    return tmp_path / "cfg.yaml"
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_with_same_global_batch(tmp_path, monkeypatch):
+    b = 2
+    cfg = _write_run_inputs(tmp_path, n_images=2 * b)
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    two = subprocess.run(
+        [sys.executable, "-m", "ssl_kit", "fit", "--config", str(cfg), "--trainer.devices", "2",
+         "--trainer.strategy", "ddp", "--data.batch_size", str(b), "--trainer.default_root_dir", str(tmp_path / "two")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert_ok(two)
+
+    from ssl_kit.cli import main
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # restored after: seed_everything writes it
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocess ran with 1 thread too; contended OpenMP threads crawl
+    try:
+        main(["fit", "--config", str(cfg), "--trainer.devices", "1", "--data.batch_size", str(2 * b),
+              "--trainer.default_root_dir", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
+
+    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in range(2)]
+    # lr scaling uses the true global batch: 2 processes x 2 images = 4 = 1 process x 4 images.
+    for rec in ranks:
+        assert rec["world"] == 2 and rec["local_batch"] == b and rec["global_batch"] == 2 * b
+        assert rec["lr"] == pytest.approx(1.0 * 2 * b / 256)
+    assert one["global_batch"] == 2 * b and one["lr"] == pytest.approx(ranks[0]["lr"])
+    assert f"global batch {2 * b} -> lr 0.0156" in two.stdout
+    assert one["precision"] == "32-true"  # precision left unset resolves to 32-true on CPU
+
+    # Same images, so only the masks differ between ranks: different per rank, and together
+    # exactly the masks of the one-process batch.
+    assert ranks[0]["loss"] != pytest.approx(ranks[1]["loss"], rel=1e-4)
+    assert one["loss"] == pytest.approx((ranks[0]["loss"] + ranks[1]["loss"]) / 2, rel=1e-5)
+
+    # SGD: the step is -lr x the all-reduced gradient, so equal updates mean equal gradients.
+    init_one, init_two = (torch.load(tmp_path / d / "init.pt") for d in ("one", "two"))
+    after_one, after_two = (torch.load(tmp_path / d / "after.pt") for d in ("one", "two"))
+    moved = 0
+    for name, w0 in init_one.items():
+        torch.testing.assert_close(init_two[name], w0)
+        update_one, update_two = after_one[name] - w0, after_two[name] - w0
+        torch.testing.assert_close(update_two, update_one, rtol=1e-4, atol=1e-8, msg=name)
+        moved += int(update_one.abs().max() > 0)
+    assert moved > 10
+
+
+def _fake_trainer(world=1, rank=0, step=0, batch_idx=0, accumulate=1, precision="32-true"):
+    return SimpleNamespace(
+        world_size=world, global_rank=rank, global_step=step, accumulate_grad_batches=accumulate, precision=precision,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=batch_idx)),
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+    )
+
+
+def test_masks_depend_on_step_and_global_position_only(tiny_mae, monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    tiny_mae.train()
+
+    def masks(**kw):
+        tiny_mae._trainer = _fake_trainer(**kw)
+        return tiny_mae.draw_masks(4 // kw.get("world", 1), 0.75, torch.device("cpu"))
+
+    whole = masks(world=1, step=3)
+    halves = [masks(world=2, rank=r, step=3) for r in range(2)]
+    for full, part0, part1 in zip(whole, *halves):
+        assert torch.equal(full, torch.cat([part0, part1]))
+    torch.manual_seed(123)  # global RNG history must not matter (exact resume)
+    assert all(torch.equal(a, b) for a, b in zip(whole, masks(world=1, step=3)))
+    assert not torch.equal(whole[1], masks(world=1, step=4)[1])
+    assert not torch.equal(whole[1], masks(world=1, step=3, batch_idx=1, accumulate=2)[1])  # 2nd micro-batch
+    assert whole[1].sum(1).tolist() == [48.0] * 4  # 75% of 64 patches removed in every row
+
+
+def test_auto_precision(monkeypatch):
+    assert auto_precision("cpu") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert auto_precision("auto") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert auto_precision("auto") == auto_precision("gpu") == "bf16-mixed"
+    assert auto_precision("cpu") == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert auto_precision("auto") == "32-true"
+
+
+def test_fp16_warns_for_mae_but_not_bf16(tiny_mae, recwarn):
+    SpeedUp().setup(_fake_trainer(precision="bf16-mixed"), tiny_mae, "fit")
+    assert not [w for w in recwarn if "fp16" in str(w.message)]
+    with pytest.warns(UserWarning, match="use bf16-mixed"):
+        SpeedUp().setup(_fake_trainer(precision="16-mixed"), tiny_mae, "fit")
+
+
+def test_fused_adamw_rebuild_keeps_groups_and_matches_unfused_step():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    make = lambda ps: torch.optim.AdamW([{"params": [ps[0]]}, {"params": [ps[1]], "weight_decay": 0.0}],
+                                        lr=0.1, betas=(0.9, 0.95), weight_decay=0.05)
+    plain, fused = make(params), fuse_adam(make(copies), device_type="cpu")
+    assert fused.defaults["fused"] and not plain.defaults.get("fused")
+    assert [g["weight_decay"] for g in fused.param_groups] == [0.05, 0.0]
+    assert fuse_adam(plain) is plain  # CPU parameters: left alone when fusing for CUDA
+    for _ in range(2):
+        for p, q in zip(params, copies):
+            p.grad = torch.ones_like(p)
+            q.grad = torch.ones_like(q)
+        plain.step()
+        fused.step()
+    for p, q in zip(params, copies):
+        torch.testing.assert_close(p, q)
+
+
+def test_compile_blocks_in_place_keeps_state_dict_keys(tiny_mae):
+    keys = list(tiny_mae.state_dict())
+    names = compile_blocks(tiny_mae)
+    assert names == [f"encoder.blocks.{i}" for i in range(12)] + ["decoder.blocks.0"]
+    assert list(tiny_mae.state_dict()) == keys
+    convnet = torch.nn.Module()
+    convnet.encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
+    assert compile_blocks(convnet) == ["encoder"]
+
+
+def test_fsdp_config_resolves_to_block_wrapping(tmp_path):
+    from jsonargparse import Namespace
+    from pytorch_lightning.cli import LightningArgumentParser
+    from pytorch_lightning.strategies import FSDPStrategy, Strategy
+    from timm.models.vision_transformer import Block
+
+    from ssl_kit.bench import _ParseOnlyCLI
+    from ssl_kit.data import SSLDataModule
+    from ssl_kit.methods import SSLMethod
+
+    cli = _ParseOnlyCLI(
+        SSLMethod, SSLDataModule, subclass_mode_model=True, save_config_callback=None, run=False,
+        args=["--config", str(REPO / "configs/mae.yaml"), "--config", str(REPO / "configs/fsdp_vit.yaml"),
+              "--data.root", str(tmp_path)],
+    )
+    assert cli.config.model.init_args.model_name == "vit_base_patch16_224"
+    parser = LightningArgumentParser()
+    parser.add_subclass_arguments(Strategy, "strategy")
+    strategy = parser.instantiate_classes(Namespace(strategy=cli.config.trainer.strategy)).strategy
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
+    assert strategy.kwargs["use_orig_params"] is True
+    assert strategy._state_dict_type == "full"
+
+
+def test_weight_decay_groups_survive_fsdp_flattening(tiny_mae):
+    from ssl_kit.methods.base import weight_decay_groups
+
+    before = [len(g["params"]) for g in weight_decay_groups(tiny_mae)]
+    SpeedUp().setup(_fake_trainer(), tiny_mae, "fit")  # runs before the strategy wraps the model
+    with torch.no_grad():
+        for p in tiny_mae.parameters():  # what FSDP's use_orig_params does: 1-D views of shards
+            p.data = p.data.flatten()
+    assert [len(g["params"]) for g in weight_decay_groups(tiny_mae)] == before
+    assert before[0] > 20
