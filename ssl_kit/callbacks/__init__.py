@@ -2,6 +2,6 @@
 
 from ssl_kit.callbacks.checkpoint import RunCheckpoint
 from ssl_kit.callbacks.monitor import ReconstructionGrid, Throughput
-from ssl_kit.callbacks.report import KNNReport
+from ssl_kit.callbacks.report import EvalReport, KNNReport
 
-__all__ = ["RunCheckpoint", "ReconstructionGrid", "Throughput", "KNNReport"]
+__all__ = ["RunCheckpoint", "ReconstructionGrid", "Throughput", "EvalReport", "KNNReport"]
