@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 from jsonargparse import CLI
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -15,9 +16,14 @@ from ssl_kit.methods import SSLMethod
 #: Jobs that are not Trainer methods: name -> "module:function", each run through jsonargparse.
 EXTRA_COMMANDS = {
     "export": "ssl_kit.export:export",
+    "aggregate": "ssl_kit.evaluators.results:aggregate",
 }
 
 CHECKPOINT_SUFFIXES = (".ckpt",)
+
+ENCODER_HELP = ("evaluation configs (eval/linear.yaml, eval/finetune.yaml): the encoder to evaluate, an ssl_kit "
+                ".ckpt, an exported .safetensors, an official MAE/ConvNeXt V2 .pth or a timm name (random init); "
+                "sets model.init_args.encoder")
 
 
 class RunDirConfig(SaveConfigCallback):
@@ -50,9 +56,21 @@ class SSLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"trainer.default_root_dir": "runs/default"})
+        parser.add_argument("--encoder", type=Optional[str], default=None, help=ENCODER_HELP)
+
+    def _apply_encoder_flag(self, config) -> None:
+        """``--encoder SRC`` is shorthand for ``--model.init_args.encoder SRC`` (evaluation configs)."""
+        if config.get("encoder") is None:
+            return
+        init_args = config.model.get("init_args")
+        if init_args is None or "encoder" not in init_args:
+            raise SystemExit(f"error: --encoder applies to evaluation configs (eval/*.yaml); "
+                             f"{config.model.get('class_path')} takes no encoder argument.")
+        init_args.encoder = config.encoder
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        self._apply_encoder_flag(config)
         run_dir = Path(config.trainer.default_root_dir)
         if self.subcommand == "fit":
             if config.get("ckpt_path") is None:
