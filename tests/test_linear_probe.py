@@ -175,3 +175,17 @@ def test_linear_probe_cli_with_a_timm_name(tmp_path):
     assert "top1" in proc.stdout
     ckpt = torch.load(sorted((tmp_path / "run").glob("*.ckpt"))[-1], map_location="cpu", weights_only=True)
     assert ckpt["state_dict"] and not any(k.startswith("encoder.") for k in ckpt["state_dict"])  # heads only
+
+
+def test_eval_report_adds_linear_probe_for_both_encoders(tiny_mae, tmp_path):
+    from ssl_kit.callbacks import EvalReport
+
+    dm = SSLDataModule("synthetic", synthetic_size=20, batch_size=8, eval_batch_size=20, num_workers=0)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path), accelerator="cpu", devices=1,
+                         callbacks=[EvalReport(k=3, linear_epochs=3, linear_batch_size=8)])
+    trainer.fit(tiny_mae, datamodule=dm)
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["protocol"]["linear"]["epochs"] == 3
+    for encoder in ("pretrained", "random_init"):
+        assert set(report[encoder]) == {"knn", "linear"} and 0 <= report[encoder]["linear"]["top1"] <= 100

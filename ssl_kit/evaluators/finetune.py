@@ -62,8 +62,8 @@ class FineTune(Evaluator):
     random erasing); batches go through timm's Mixup/CutMix; the loss is soft-target cross-entropy
     (label smoothing folded into the mixed targets) or binary cross-entropy (``bce_loss``, the
     "ResNet strikes back" recipe). Layer-wise lr decay uses timm's block grouping (ViT: the head
-    and final norm x1, block ``i`` of ``d`` x ``layer_decay ** (d - i)``, embeddings
-    x ``layer_decay ** (d + 1)``). Drop path rises linearly over blocks. Optional weight EMA
+    x1, block ``i`` of ``d`` (0-based) x ``layer_decay ** (d - i)``, embeddings
+    x ``layer_decay ** (d + 1)``; timm puts the final norm with the last block). Drop path rises linearly over blocks. Optional weight EMA
     (timm ``ModelEmaV3``) is evaluated beside the model. ``fit`` ends by writing val top-1/top-5
     to ``<run dir>/<results_file>``; seeds are one run each (``--seed_everything S``), joined by
     ``python -m ssl_kit aggregate``.
