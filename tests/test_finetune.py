@@ -91,10 +91,12 @@ def test_aggregate_reports_mean_and_sample_std(tmp_path, capsys):
     for seed, top1 in ((0, 80.0), (1, 81.0), (2, 82.5)):
         write_results(tmp_path / f"seed{seed}" / "finetune.json",
                       {"final": {"per_seed": {str(seed): {"top1": top1, "top5": 95.0}}}})
-    summary = aggregate([str(tmp_path / f"seed{s}") for s in range(3)], output=str(tmp_path / "all.json"))
+    summary = aggregate(str(tmp_path))
     mean = (80.0 + 81.0 + 82.5) / 3
     std = math.sqrt(sum((v - mean) ** 2 for v in (80.0, 81.0, 82.5)) / 2)
     assert summary["top1"] == pytest.approx({"mean": mean, "std": std, "n": 3})
     assert summary["top5"]["std"] == 0.0 and "81.17 ± 1.26" in capsys.readouterr().out
+    assert json.loads((tmp_path / "seeds.json").read_text())["final"]["top1"]["n"] == 3
+    write_results(tmp_path / "again" / "finetune.json", {"final": {"per_seed": {"0": {"top1": 1.0, "top5": 1.0}}}})
     with pytest.raises(ValueError, match="seed 0 appears twice"):
-        aggregate([str(tmp_path / "seed0"), str(tmp_path / "seed0" / "finetune.json")])
+        aggregate(str(tmp_path))

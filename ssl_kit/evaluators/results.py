@@ -10,6 +10,7 @@ from typing import Any
 from torch import Tensor
 
 METRICS = ("top1", "top5")
+RESULTS_FILES = ("linear.json", "finetune.json")
 
 
 def topk_accuracy(scores: Tensor, labels: Tensor) -> dict[str, float]:
@@ -56,38 +57,31 @@ def write_results(path: str | Path, results: dict[str, Any]) -> Path:
     return path
 
 
-def aggregate(runs: list[str], output: str | None = None, key: str = "final") -> dict[str, Any]:
-    """Combine the results JSON of runs that differ only in seed into mean ± std.
+def aggregate(root: str, output: str | None = None, key: str = "final") -> dict[str, Any]:
+    """Combine per-seed runs (``ROOT/*/finetune.json`` or ``linear.json``) into mean ± std.
 
-    Each run is a results file or a run directory holding one (``linear.json`` / ``finetune.json``).
-    Fine-tuning runs one seed per job (``--seed_everything S``, one run directory each); this joins them.
+    Fine-tuning runs one seed per job (``--seed_everything S --trainer.default_root_dir ROOT/seedS``);
+    this joins them and writes ``ROOT/seeds.json`` (or ``output``).
 
     Args:
-        runs: results files or run directories, one per seed.
-        output: where to write the combined JSON (default: print only).
+        root: the directory holding one run directory per seed.
+        output: where to write the combined JSON (default ``ROOT/seeds.json``).
         key: the summary to combine (``final``, or ``ema`` for fine-tuning with weight EMA).
     """
+    files = sorted(p for pattern in RESULTS_FILES for p in Path(root).glob(f"*/{pattern}"))
+    if not files:
+        raise FileNotFoundError(f"no run under {root!r} holds {' or '.join(RESULTS_FILES)} (expected ROOT/RUN/FILE).")
     per_seed: dict[int, dict[str, float]] = {}
-    for run in runs:
-        path = _results_file(Path(run))
+    for path in files:
         data = json.loads(path.read_text())
         if key not in data:
             raise ValueError(f"{path} has no {key!r} results (found {sorted(data)}).")
         for seed, metrics in data[key]["per_seed"].items():
             if int(seed) in per_seed:
-                raise ValueError(f"seed {seed} appears twice ({path}); give each run its own seed.")
+                raise ValueError(f"seed {seed} appears twice (again in {path}); give each run its own --seed_everything.")
             per_seed[int(seed)] = metrics
     summary = seed_summary(per_seed)
-    print(format_summary(f"{key}: {len(runs)} runs", summary))
-    if output is not None:
-        print(f"written to {write_results(output, {key: summary, 'runs': runs})}")
+    print(format_summary(f"{key}: {len(files)} runs under {root}", summary))
+    out = write_results(output or Path(root) / "seeds.json", {key: summary, "runs": [str(p) for p in files]})
+    print(f"written to {out}")
     return summary
-
-
-def _results_file(run: Path) -> Path:
-    if run.is_file():
-        return run
-    found = sorted(run.glob("linear*.json")) + sorted(run.glob("finetune*.json"))
-    if not found:
-        raise FileNotFoundError(f"{str(run)!r} is neither a results file nor a run directory holding linear.json/finetune.json.")
-    return found[0]
