@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import REPO, assert_ok, run_cli
 from ssl_kit.data import SSLDataModule
 from ssl_kit.evaluators.base import check_classification_data
-from ssl_kit.evaluators.linear import LinearProbe, SeededBatches, fit_linear_probe
+from ssl_kit.evaluators.linear import LinearProbe, SeededBatches, fit_linear_probe, unshard
 from ssl_kit.optim import LARS
 
 REAL_LOADER = importlib.util.find_spec("ssl_kit.evaluators.load") is not None
@@ -83,6 +83,13 @@ def test_seeded_batches_differ_per_seed_and_split_ranks():
     assert sorted(order[0].tolist()) == list(range(12)) and not torch.equal(order[0], order[1])
     ranks = [torch.cat(list(SeededBatches(12, 3, seeds=[0], rank=r, world_size=2)), 1) for r in (0, 1)]
     assert sorted(torch.cat(ranks, 1).flatten().tolist()) == list(range(12))  # disjoint shares cover all
+
+
+def test_unshard_restores_single_process_order():
+    full = torch.arange(10 * 3).view(10, 3)
+    world, rows = 4, 3  # shares of 3, 3, 2, 2 items, padded to 3
+    shares = [torch.nn.functional.pad(full[r::world], (0, 0, 0, rows - len(full[r::world]))) for r in range(world)]
+    assert torch.equal(unshard(torch.stack(shares), 10), full)
 
 
 def _fit_probe(root, cache: bool) -> LinearProbe:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ssl_kit.evaluators.base import Evaluator
 from ssl_kit.evaluators.features import extract_features
@@ -73,6 +73,15 @@ class SeededBatches(Sampler):
                  for s in self.seeds]
         local = torch.stack([p[self.rank :: self.world_size][: steps * b] for p in perms])  # (H, steps * B)
         yield from local.view(len(self.seeds), steps, b).unbind(1)  # each (H, B)
+
+
+def unshard(gathered: Tensor, n: int) -> Tensor:
+    """Undo a strided split: rank ``r`` held items ``r, r + W, r + 2W, ...`` (padded to equal length).
+
+    Shapes:
+        gathered: (W, rows, *) -> (n, *)
+    """
+    return gathered.transpose(0, 1).flatten(0, 1)[:n]  # (rows * W, *): row j of rank r -> j * W + r
 
 
 class CachedFeatures(Dataset):
@@ -162,8 +171,8 @@ class LinearProbe(Evaluator):
         dm, trainer = self.trainer.datamodule, self.trainer
         device = trainer.strategy.root_device  # setup runs before the module is moved there
         self.encoder.to(device)
-        train = [t.clone() for t in extract_features(self.encoder, dm.eval_dataloader("train"), device)]
-        self._val_cache = extract_features(self.encoder, dm.eval_dataloader("val"), device)
+        train = self._extract_split(dm.eval_dataloader("train"), device)
+        self._val_cache = self._extract_split(dm.eval_dataloader("val"), device)
         sampler = SeededBatches(len(train[1]), dm.batch_size, self.seeds, trainer.global_rank, trainer.world_size)
         loader = DataLoader(CachedFeatures(*train), sampler=sampler, batch_size=None)
         # Only the data module knows the split; the cache replaces its image loader for this fit
@@ -171,6 +180,21 @@ class LinearProbe(Evaluator):
         dm.train_dataloader = lambda: loader
         self.print(f"cached features: train {tuple(train[0].shape)}, val {tuple(self._val_cache[0].shape)}")
         return train[0].shape[1]
+
+    def _extract_split(self, loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Features of a whole split; under DDP each rank encodes every ``world``-th image and all
+        ranks gather the full set (same order as one process)."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        if world > 1:
+            share = Subset(loader.dataset, range(rank, len(loader.dataset), world))
+            loader = DataLoader(share, batch_size=loader.batch_size, num_workers=loader.num_workers)
+        feats, labels = (t.clone() for t in extract_features(self.encoder, loader, device))  # plain tensors for autograd
+        if world == 1:
+            return feats, labels
+        n, rows = len(share.dataset), -(-len(share.dataset) // world)
+        gathered = [self.trainer.strategy.all_gather(F.pad(t.to(device), (0, 0) * (t.ndim - 1) + (0, rows - len(t))))
+                    for t in (feats, labels)]  # (world, rows, ...) each
+        return tuple(unshard(g, n).cpu() for g in gathered)
 
     def train(self, mode: bool = True) -> "LinearProbe":
         super().train(mode)
