@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 from jsonargparse import CLI
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -19,9 +20,14 @@ EXTRA_COMMANDS = {
     "export": "ssl_kit.export:export",
     "knn": "ssl_kit.evaluators.knn_job:knn",
     "bench": "ssl_kit.bench:bench",
+    "aggregate": "ssl_kit.evaluators.results:aggregate",
 }
 
 CHECKPOINT_SUFFIXES = (".ckpt",)
+
+ENCODER_HELP = ("evaluation configs (eval/linear.yaml, eval/finetune.yaml): the encoder to evaluate, an ssl_kit "
+                ".ckpt, an exported .safetensors, an official MAE/ConvNeXt V2 .pth or a timm name (random init); "
+                "sets model.init_args.encoder")
 
 
 class RunDirConfig(SaveConfigCallback):
@@ -55,9 +61,21 @@ class SSLCLI(LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SpeedUp, "speed")
         parser.set_defaults({"trainer.default_root_dir": "runs/default"})
+        parser.add_argument("--encoder", type=Optional[str], default=None, help=ENCODER_HELP)
+
+    def _apply_encoder_flag(self, config) -> None:
+        """``--encoder SRC`` is shorthand for ``--model.init_args.encoder SRC`` (evaluation configs)."""
+        if config.get("encoder") is None:
+            return
+        init_args = config.model.get("init_args")
+        if init_args is None or "encoder" not in init_args:
+            raise SystemExit(f"error: --encoder applies to evaluation configs (eval/*.yaml); "
+                             f"{config.model.get('class_path')} takes no encoder argument.")
+        init_args.encoder = config.encoder
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        self._apply_encoder_flag(config)
         run_dir = Path(config.trainer.default_root_dir)
         if self.subcommand == "fit":
             if config.get("ckpt_path") is None:
