@@ -72,10 +72,12 @@ def test_bench_cpu_figures_and_flops_match_analytic(tmp_path, capsys, one_thread
     assert result["flops_per_img"] == pytest.approx(expected, rel=0.05)
 
 
-def test_bench_rejects_steps_not_above_warmup(tmp_path):
-    with pytest.raises(ValueError, match="--steps 2 must exceed --warmup_steps 2"):
+def test_bench_rejects_steps_not_above_warmup(tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
         main(["bench", "--config", str(REPO / "configs/demo/mae.yaml"), "--steps", "2", "--warmup_steps", "2",
               "--output", str(tmp_path / "b.json")])
+    assert error.value.code == 2
+    assert "--steps 2 must exceed --warmup_steps 2" in capsys.readouterr().err
 
 
 def test_example_batch_default_is_one_view_on_device(tiny_mae):
