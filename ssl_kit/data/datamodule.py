@@ -134,7 +134,7 @@ class SSLDataModule(pl.LightningDataModule):
 
     @property
     def skipped_images(self) -> int:
-        """Unreadable images replaced so far (all loader processes of this rank)."""
+        """Failed image reads replaced so far by this rank's loader processes (each read counts)."""
         return int(self._skipped.value)
 
     def teardown(self, stage: str) -> None:
