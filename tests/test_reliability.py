@@ -83,7 +83,7 @@ def test_sigterm_leaves_loadable_last_and_resumes(tmp_path):
     cmd = [sys.executable, "-m", "ssl_kit", "fit", *FIT_ARGS, "--trainer.max_epochs", "1000",
            "--trainer.default_root_dir", str(run_dir)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
+    deadline = time.time() + 400
     while not (run_dir / "epoch=0000.ckpt").exists():  # training is under way
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.2)

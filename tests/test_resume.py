@@ -118,3 +118,23 @@ def test_resume_is_exact(method, crash_at, every_n_train_steps, workers, saved_s
     resumed = load_checkpoint(last)
     assert resumed["global_step"] == EPOCHS * STEPS_PER_EPOCH
     assert_same(comparable(reference(method)), comparable(resumed))
+
+
+def test_rng_states_roundtrip_through_a_weights_only_file(tmp_path):
+    """torch, NumPy, Python and a module's own masking generator continue exactly after a reload."""
+    import random
+
+    import numpy as np
+
+    from ssl_kit.callbacks.rng_state import capture_rng_state, restore_rng_state
+
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    module[0].mask_generator = torch.Generator().manual_seed(7)
+    draw = lambda: (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=module[0].mask_generator))  # noqa: E731
+    torch.save(capture_rng_state(module), tmp_path / "rng.pt")
+    expected = draw()
+    torch.manual_seed(99), np.random.seed(99), random.seed(99), module[0].mask_generator.manual_seed(99)
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), module)
+    got = draw()
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert got[2] == expected[2] and torch.equal(got[3], expected[3])

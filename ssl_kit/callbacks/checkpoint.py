@@ -92,15 +92,23 @@ class RunCheckpoint(ModelCheckpoint):
         >>> trainer = pl.Trainer(callbacks=[RunCheckpoint("runs/x", every_n_train_steps=500)])
     """
 
-    def __init__(self, dirpath: str | None = None, every_n_epochs: int = 1, every_n_train_steps: int = 0,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        every_n_epochs: int = 1,
+        every_n_train_steps: int = 0,
+        filename: str = "epoch={epoch:04d}",
+        save_top_k: int = -1,
+        save_last: bool = True,
+        auto_insert_metric_name: bool = False,
+        **kwargs,
+    ) -> None:
+        # The defaults are explicit arguments (not kwargs.setdefault) so that LightningCLI, which
+        # passes every ModelCheckpoint argument, keeps them.
         if every_n_train_steps < 0:
             raise ValueError(f"every_n_train_steps={every_n_train_steps} is not allowed: use 0 (off) or a positive step count.")
-        kwargs.setdefault("filename", "epoch={epoch:04d}")
-        kwargs.setdefault("auto_insert_metric_name", False)
-        kwargs.setdefault("save_top_k", -1)
-        kwargs.setdefault("save_last", True)
-        super().__init__(dirpath=dirpath, every_n_epochs=every_n_epochs, **kwargs)
+        super().__init__(dirpath=dirpath, filename=filename, every_n_epochs=every_n_epochs, save_top_k=save_top_k,
+                         save_last=save_last, auto_insert_metric_name=auto_insert_metric_name, **kwargs)
         self.last_every_n_train_steps = every_n_train_steps
         self._pending_rng: dict | None = None
         self._signal: int | None = None
@@ -114,7 +122,7 @@ class RunCheckpoint(ModelCheckpoint):
             trainer.strategy.checkpoint_io = SafeCheckpointIO()
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RNG_KEY] = capture_rng_state()
+        checkpoint[RNG_KEY] = capture_rng_state(pl_module)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         self._pending_rng = checkpoint.get(RNG_KEY)
@@ -122,7 +130,7 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # As late as possible, so the RNG continues exactly where the interrupted run stopped.
         if self._pending_rng is not None:
-            restore_rng_state(self._pending_rng)
+            restore_rng_state(self._pending_rng, pl_module)
             self._pending_rng = None
         self._install_signal_handlers()
 

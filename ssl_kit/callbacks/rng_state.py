@@ -7,10 +7,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """The torch (CPU and every CUDA device), NumPy and Python RNG states of this process.
+def module_generators(module: nn.Module) -> dict[str, torch.Generator]:
+    """Every ``torch.Generator`` held as an attribute of ``module`` or its sub-modules, by dotted name."""
+    found = {}
+    for prefix, sub in module.named_modules():
+        for attr, value in vars(sub).items():
+            if isinstance(value, torch.Generator):
+                found[f"{prefix}.{attr}" if prefix else attr] = value
+    return found
+
+
+def capture_rng_state(module: nn.Module | None = None) -> dict[str, Any]:
+    """The torch (CPU and every CUDA device), NumPy and Python RNG states of this process, plus
+    those of any ``torch.Generator`` that ``module`` holds (e.g. for masking).
 
     Examples:
         >>> state = capture_rng_state(); a = torch.rand(1)
@@ -27,11 +39,13 @@ def capture_rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if module is not None:
+        state["generators"] = {name: g.get_state() for name, g in module_generators(module).items()}
     return state
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Set this process's RNGs to a state from :func:`capture_rng_state`."""
+def restore_rng_state(state: dict[str, Any], module: nn.Module | None = None) -> None:
+    """Set this process's RNGs (and ``module``'s generators) to a state from :func:`capture_rng_state`."""
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
@@ -42,3 +56,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+    if module is not None:
+        generators = module_generators(module)
+        for name, g_state in state.get("generators", {}).items():
+            if name in generators:
+                generators[name].set_state(g_state)
