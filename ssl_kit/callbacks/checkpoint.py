@@ -141,11 +141,7 @@ class RunCheckpoint(ModelCheckpoint):
     # --- when to write last.ckpt ---------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._preemption_requested(trainer):
-            self._save_last(trainer)
-            rank_zero_info(f"preemption signal {self._signal}: saved {self.last_model_path} at step "
-                           f"{trainer.global_step}; resume with --ckpt_path last")
-            raise SystemExit(128 + self._signal)
+        self._exit_if_preempted(trainer)
         n = self.last_every_n_train_steps
         if n and trainer.global_step % n == 0 and not self._should_skip_saving_checkpoint(trainer):
             self._save_last(trainer)
@@ -157,6 +153,7 @@ class RunCheckpoint(ModelCheckpoint):
         # at the next epoch, after this epoch's end hooks.
         if self._saves == saves and self.save_last and not self._should_skip_saving_checkpoint(trainer, same_step=True):
             self._save_last(trainer)
+        self._exit_if_preempted(trainer)  # before Lightning's own SIGTERM exit (code 0, no checkpoint)
 
     def _should_skip_saving_checkpoint(self, trainer: pl.Trainer, same_step: bool = False) -> bool:
         if same_step and self._last_global_step_saved == trainer.global_step:
@@ -185,6 +182,14 @@ class RunCheckpoint(ModelCheckpoint):
         previous = self._previous_handlers.get(signum)
         if callable(previous):  # Lightning's handlers (SLURM requeue, DDP SIGTERM broadcast)
             previous(signum, frame)
+
+    def _exit_if_preempted(self, trainer: pl.Trainer) -> None:
+        if not self._preemption_requested(trainer):
+            return
+        self._save_last(trainer)
+        rank_zero_info(f"preemption signal {self._signal}: saved {self.last_model_path} at global step "
+                       f"{trainer.global_step}; resume with --ckpt_path last")
+        raise SystemExit(128 + self._signal)
 
     def _preemption_requested(self, trainer: pl.Trainer) -> bool:
         requested = self._signal is not None

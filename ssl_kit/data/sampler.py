@@ -26,11 +26,11 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def fit_position(trainer) -> tuple[int, int]:
-    """(epoch, batches already trained in it) as Lightning's restored fit-loop counters say.
+    """(epoch, batches already trained in it) according to Lightning's fit-loop counters.
 
-    Called when an epoch's iterator is created: on a fresh epoch this is ``(epoch, 0)``; right
-    after a resume it is where the checkpoint was taken (a checkpoint written at the end of an
-    epoch resumes at the start of the next one).
+    Read when a checkpoint is written (the data module stores it) and when an epoch's iterator
+    is created (then ``(epoch, 0)``). A checkpoint written at the end of an epoch, or after its
+    last batch, points at the start of the next epoch.
     """
     fit_loop = trainer.fit_loop
     epochs = fit_loop.epoch_progress.current
