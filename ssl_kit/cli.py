@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Optional
 from jsonargparse import CLI
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from ssl_kit.callbacks import RunCheckpoint, SpeedUp
+from ssl_kit.callbacks import NaNGuard, RunCheckpoint, SpeedUp
 from ssl_kit.callbacks.speed import auto_precision
 from ssl_kit.data import SSLDataModule
 from ssl_kit.methods import SSLMethod
@@ -46,6 +47,40 @@ class RunDirConfig(SaveConfigCallback):
         self.parser.save(self.config, str(path), skip_none=False, multifile=False)
 
 
+#: ``--ckpt_path`` values that resume from the run directory (see ``resume_checkpoint``).
+RESUME_LAST, RESUME_IF_EXISTS = "last", "last_if_exists"
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newer of ``last.ckpt`` and Lightning's SLURM ``hpc_ckpt_N.ckpt`` in ``run_dir``, if any."""
+    found = [p for p in [run_dir / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def slurm_requeued() -> bool:
+    """True in a SLURM job that was requeued (SLURM sets ``SLURM_RESTART_COUNT`` >= 1)."""
+    return "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def resume_checkpoint(run_dir: Path, ckpt_path: str | None) -> str | None:
+    """Resolve ``--ckpt_path`` for ``fit``: a file path, or None for a fresh start.
+
+    ``last`` must find a checkpoint (no silent fresh start); ``last_if_exists`` resumes if it can;
+    a requeued SLURM job without ``--ckpt_path`` behaves like ``last_if_exists``.
+    """
+    if ckpt_path is None and slurm_requeued():
+        ckpt_path = RESUME_IF_EXISTS
+    if ckpt_path not in (RESUME_LAST, RESUME_IF_EXISTS):
+        return ckpt_path
+    found = newest_checkpoint(run_dir)
+    if found is None and ckpt_path == RESUME_LAST:
+        raise SystemExit(f"error: --ckpt_path last: no {run_dir / 'last.ckpt'} (or hpc_ckpt_*.ckpt) to resume "
+                         f"from. Check --trainer.default_root_dir, or pass --ckpt_path last_if_exists to start "
+                         f"fresh when there is nothing to resume.")
+    print(f"resuming from {found}" if found else f"--ckpt_path {ckpt_path}: no checkpoint in {run_dir}, starting fresh")
+    return str(found) if found else None
+
+
 def fresh_run_dir(run_dir: Path) -> Path:
     """``run_dir`` itself if it holds no checkpoint, else the first free ``run_dir-N``."""
     candidate, n = run_dir, 1
@@ -60,6 +95,7 @@ class SSLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SpeedUp, "speed")
+        parser.add_lightning_class_args(NaNGuard, "nan_guard")
         parser.set_defaults({"trainer.default_root_dir": "runs/default"})
         parser.add_argument("--encoder", type=Optional[str], default=None, help=ENCODER_HELP)
 
@@ -78,14 +114,14 @@ class SSLCLI(LightningCLI):
         self._apply_encoder_flag(config)
         run_dir = Path(config.trainer.default_root_dir)
         if self.subcommand == "fit":
-            if config.get("ckpt_path") is None:
+            resuming = config.get("ckpt_path") in (RESUME_LAST, RESUME_IF_EXISTS) or slurm_requeued()
+            config.ckpt_path = resume_checkpoint(run_dir, config.get("ckpt_path"))
+            if config.ckpt_path is None and not resuming:
                 new_dir = fresh_run_dir(run_dir)
                 if new_dir != run_dir:
                     print(f"{run_dir} already holds checkpoints; starting a new run in {new_dir} "
                           f"(to resume instead, pass --ckpt_path last)")
                 run_dir = new_dir
-            elif config.ckpt_path == "last" and not (run_dir / "last.ckpt").is_file():
-                raise SystemExit(f"error: --ckpt_path last: no {run_dir / 'last.ckpt'} to resume from.")
         config.trainer.default_root_dir = str(run_dir)
         if config.trainer.precision is None:  # unset = auto: bf16-mixed on a bf16 GPU, else 32-true
             config.trainer.precision = auto_precision(config.trainer.accelerator)

@@ -2,5 +2,6 @@
 
 from ssl_kit.data.datamodule import SSLDataModule
 from ssl_kit.data.datasets import Digits, ImageFolder, SyntheticImages, open_rgb, scan_images
+from ssl_kit.data.sampler import ResumableSampler
 
-__all__ = ["SSLDataModule", "Digits", "ImageFolder", "SyntheticImages", "open_rgb", "scan_images"]
+__all__ = ["SSLDataModule", "Digits", "ImageFolder", "SyntheticImages", "open_rgb", "scan_images", "ResumableSampler"]

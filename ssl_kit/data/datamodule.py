@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
+import warnings
+from multiprocessing import Value
 from typing import Callable, Literal
 
 import pytorch_lightning as pl
@@ -10,6 +13,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ssl_kit.data.datasets import Digits, ImageFolder, LabeledImages, SyntheticImages
+from ssl_kit.data.sampler import ResumableSampler, fit_position
+
+#: How many following indices a skipped unreadable image may look through for a readable one.
+MAX_BAD_RUN = 64
 
 
 def _default_workers() -> int:
@@ -34,7 +41,11 @@ class SSLDataModule(pl.LightningDataModule):
         num_workers: loader processes (default: min(8, CPUs)).
         image_size: side of the stored digits / synthetic images.
         synthetic_size: number of synthetic images.
-        seed: seed of the train/val split.
+        seed: seed of the train/val split, and of the training order and augmentations unless
+            ``seed_everything`` is set (then its seed is used, as Lightning's samplers do).
+        bad_images: what an unreadable image (truncated, zero-byte, not an image) does: ``error``
+            raises naming the file; ``skip`` logs it, counts it (:attr:`skipped_images`) and
+            uses the next readable index instead, so the replacement is the same on every rank.
     """
 
     def __init__(
@@ -49,8 +60,15 @@ class SSLDataModule(pl.LightningDataModule):
         image_size: int = 32,
         synthetic_size: int = 256,
         seed: int = 0,
+        bad_images: Literal["error", "skip"] = "skip",
     ) -> None:
         super().__init__()
+        if bad_images not in ("error", "skip"):
+            raise ValueError(f"bad_images={bad_images!r} is not allowed: use 'error' or 'skip'.")
+        self.bad_images = bad_images
+        self._skipped = Value("q", 0)  # shared with loader workers
+        self._resume_position: tuple[int, int] | None = None
+        self._sampler_seed: int | None = None  # a resumed run keeps the order seed of the original
         if dataset == "folder" and root is None:
             raise ValueError("data.dataset='folder' needs data.root (a directory of images); "
                              "or use data.dataset='digits' or 'synthetic'.")
@@ -112,7 +130,16 @@ class SSLDataModule(pl.LightningDataModule):
     def split(self, name: Literal["train", "val"], transform: Callable | None) -> Dataset:
         """The ``train`` or ``val`` split with ``transform`` applied to every image."""
         subset = self._build_splits()[name]
-        return _Transformed(subset, transform)
+        return _Transformed(subset, transform, self.bad_images, self._skipped)
+
+    @property
+    def skipped_images(self) -> int:
+        """Failed image reads replaced so far by this rank's loader processes (each read counts)."""
+        return int(self._skipped.value)
+
+    def teardown(self, stage: str) -> None:
+        if self.skipped_images:
+            print(f"SSLDataModule: skipped {self.skipped_images} unreadable image(s) (bad_images='skip').")
 
     def has_labels(self) -> bool:
         splits = self._build_splits()
@@ -132,35 +159,120 @@ class SSLDataModule(pl.LightningDataModule):
             persistent_workers=train and self.num_workers > 0,
         )
 
+    def _train_loader(self, dataset: Dataset) -> DataLoader:
+        # Order and augmentations are functions of (seed, epoch, index): see ResumableSampler.
+        trainer = self.trainer
+        seed = self.sampler_seed()
+        sampler = ResumableSampler(
+            dataset, self.batch_size,
+            num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
+            seed=seed, position=self._sampler_position if trainer else None,
+        )
+        return _ResumableLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+            num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(seed),  # creating iterators leaves the global RNG alone
+        )
+
     def train_dataloader(self) -> DataLoader:
         if self.train_transform is None:
             raise RuntimeError("SSLDataModule has no training transform: attach it to a model or call set_transforms().")
         dataset = self.split("train", self.train_transform)
         if len(dataset) < self.batch_size:
             raise ValueError(f"the training split has {len(dataset)} images, fewer than batch_size={self.batch_size}.")
-        return self._loader(dataset, self.batch_size, train=True)
+        return self._train_loader(dataset)
 
     def eval_dataloader(self, name: Literal["train", "val"]) -> DataLoader:
         """Deterministic, labelled, un-augmented loader over a split (for k-NN and probes)."""
         return self._loader(self.split(name, self.eval_transform), self.eval_batch_size, train=False)
 
+    # --- exact resume: the sampler's seed and position travel in the checkpoint ----------------
+    def sampler_seed(self) -> int:
+        """Seed of the training order and augmentations (see ``seed``)."""
+        if self._sampler_seed is not None:
+            return self._sampler_seed
+        return int(os.environ.get("PL_GLOBAL_SEED", self.seed))
+
+    def state_dict(self) -> dict:
+        if self.trainer is None:
+            return {}
+        epoch, batches_done = fit_position(self.trainer)
+        return {"sampler_seed": self.sampler_seed(), "sampler_epoch": epoch, "sampler_batches_done": batches_done}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # Restored before the trainer's loops are (and before the first training iterator is made).
+        if "sampler_epoch" in state_dict:
+            self._sampler_seed = int(state_dict["sampler_seed"])
+            self._resume_position = (int(state_dict["sampler_epoch"]), int(state_dict["sampler_batches_done"]))
+
+    def _sampler_position(self) -> tuple[int, int]:
+        if self._resume_position is not None:
+            position, self._resume_position = self._resume_position, None
+            return position
+        return fit_position(self.trainer)
+
+
+class _ResumableLoader(DataLoader):
+    """Marks the training loader as resumable for Lightning: the sampler restores the position."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
 
 class _Transformed(Dataset):
-    """A view of a subset with its own transform (the same images serve training and evaluation)."""
+    """A view of a subset with its own transform (the same images serve training and evaluation).
 
-    def __init__(self, subset: Subset, transform: Callable | None) -> None:
+    An index may be an ``(index, seed)`` pair (from :class:`ResumableSampler`): the transform then
+    draws from torch and Python RNGs seeded with ``seed``, whatever process runs it.
+    """
+
+    def __init__(self, subset: Subset, transform: Callable | None, bad_images: str = "error", skipped=None) -> None:
         self.subset, self.transform = subset, transform
+        self.bad_images, self.skipped = bad_images, skipped
 
     def __len__(self) -> int:
         return len(self.subset)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index):
+        index, seed = index if isinstance(index, tuple) else (index, None)
         base = self.subset.dataset
-        i = self.subset.indices[index]
-        img = base.load(i)
+        i, img = self._load(index)
         if self.transform is not None:
-            img = self.transform(img)
+            img = self.transform(img) if seed is None else _seeded(seed, self.transform, img)
         return img, base.labels[i]
+
+    def _load(self, index: int):
+        """(dataset index, image) of ``index``, or under ``skip`` of the next readable one."""
+        base, n = self.subset.dataset, len(self.subset)
+        for step in range(min(n, MAX_BAD_RUN)):
+            i = self.subset.indices[(index + step) % n]
+            try:
+                return i, base.load(i)
+            except OSError as err:
+                if self.bad_images == "error":
+                    raise
+                if self.skipped is not None:
+                    with self.skipped.get_lock():
+                        self.skipped.value += 1
+                warnings.warn(f"skipping unreadable image (bad_images='skip'): {err}", stacklevel=2)
+        raise OSError(f"{min(n, MAX_BAD_RUN)} consecutive unreadable images from split index {index}; "
+                      f"is the data folder corrupt? (see the warnings above for the files)")
+
+
+def _seeded(seed: int, fn: Callable, img):
+    """``fn(img)`` with torch and Python RNGs seeded by ``seed``; the caller's RNG states are kept."""
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            return fn(img)
+        finally:
+            random.setstate(py_state)
 
 
 def _base(subset: Subset) -> LabeledImages:

@@ -1,0 +1,140 @@
+"""Exact resume: a run killed after a checkpoint and resumed ends bit-identical to an uninterrupted one.
+
+To cover a new method, add one entry to ``METHODS``: its import path, tiny constructor kwargs and
+(optionally) data-module kwargs. Everything in the final checkpoint is compared (weights including
+any EMA target registered as a module or buffer, optimizer and lr-scheduler state, loop counters,
+RNG states), so the entry is all a method needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from conftest import TINY_MAE
+from ssl_kit.callbacks import RunCheckpoint
+from ssl_kit.data import SSLDataModule
+from ssl_kit.export import load_checkpoint
+
+#: method id -> (class path, tiny constructor kwargs, data-module kwargs overrides).
+METHODS = {
+    "mae": ("ssl_kit.methods.MAE", TINY_MAE, {}),
+}
+
+DATA = dict(dataset="synthetic", synthetic_size=12, image_size=32, val_fraction=0.0, batch_size=4)
+STEPS_PER_EPOCH, EPOCHS = 3, 2
+
+
+class Crash(Exception):
+    """Stands in for the process being killed."""
+
+
+class CrashAt(pl.Callback):
+    """Raise when ``global_step`` reaches ``step`` (before that step runs)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise Crash(f"killed at step {self.step}")
+
+
+def fit(method: str, run_dir: Path, seed: int, ckpt_path=None, crash_at=None, every_n_train_steps=0, workers=0) -> Path:
+    """Build a fresh model and trainer (as a new process would) and fit; returns the run's last.ckpt."""
+    class_path, kwargs, data_kwargs = METHODS[method]
+    module_name, class_name = class_path.rsplit(".", 1)
+    pl.seed_everything(seed)
+    model = getattr(importlib.import_module(module_name), class_name)(**kwargs)
+    data = SSLDataModule(**{**DATA, **data_kwargs}, num_workers=workers)
+    callbacks = [RunCheckpoint(str(run_dir), every_n_train_steps=every_n_train_steps)]
+    if crash_at is not None:
+        callbacks.append(CrashAt(crash_at))
+    trainer = pl.Trainer(
+        max_epochs=EPOCHS, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(run_dir), deterministic=True,
+    )
+    if crash_at is None:
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+    else:
+        with pytest.raises(Crash):
+            trainer.fit(model, data, ckpt_path=ckpt_path)
+    return run_dir / "last.ckpt"
+
+
+def assert_same(a, b, where: str = "checkpoint") -> None:
+    """Recursive equality of checkpoint contents (tensors bitwise)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype, where
+        assert torch.equal(a, b), f"{where}: max diff {(a.double() - b.double()).abs().max().item():.3g}"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys differ: {set(a) ^ set(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def comparable(ckpt: dict) -> dict:
+    """Everything that defines the training state (callback states hold run-directory paths)."""
+    return {k: v for k, v in ckpt.items() if k not in ("callbacks",)}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """last.ckpt of one uninterrupted run per method (shared by the resume cases)."""
+    cache = {}
+
+    def get(method: str) -> dict:
+        if method not in cache:
+            cache[method] = load_checkpoint(fit(method, tmp_path_factory.mktemp(f"ref-{method}"), seed=0))
+        return cache[method]
+
+    return get
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize(
+    "crash_at,every_n_train_steps,workers,saved_step",
+    [
+        (5, 0, 0, 3),  # killed in epoch 2: resumes from the end-of-epoch-1 last.ckpt
+        (5, 2, 2, 4),  # last.ckpt every 2 steps, killed at step 5: resumes mid-epoch 2 (+ loader workers)
+    ],
+    ids=["end-of-epoch", "mid-epoch"],
+)
+def test_resume_is_exact(method, crash_at, every_n_train_steps, workers, saved_step, reference, tmp_path):
+    last = fit(method, tmp_path, seed=0, crash_at=crash_at, every_n_train_steps=every_n_train_steps)
+    assert load_checkpoint(last)["global_step"] == saved_step  # the steps after it are lost and redone
+    # A new process: different global seed, fresh init; everything must come from the checkpoint.
+    fit(method, tmp_path, seed=1234, ckpt_path=str(last), every_n_train_steps=every_n_train_steps, workers=workers)
+    resumed = load_checkpoint(last)
+    assert resumed["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    assert_same(comparable(reference(method)), comparable(resumed))
+
+
+def test_rng_states_roundtrip_through_a_weights_only_file(tmp_path):
+    """torch, NumPy, Python and a module's own masking generator continue exactly after a reload."""
+    import random
+
+    import numpy as np
+
+    from ssl_kit.callbacks.rng_state import capture_rng_state, restore_rng_state
+
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    module[0].mask_generator = torch.Generator().manual_seed(7)
+    draw = lambda: (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=module[0].mask_generator))  # noqa: E731
+    torch.save(capture_rng_state(module), tmp_path / "rng.pt")
+    expected = draw()
+    torch.manual_seed(99), np.random.seed(99), random.seed(99), module[0].mask_generator.manual_seed(99)
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), module)
+    got = draw()
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert got[2] == expected[2] and torch.equal(got[3], expected[3])
