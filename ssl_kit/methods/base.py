@@ -162,15 +162,27 @@ class SSLMethod(pl.LightningModule):
         """
         trainer = self.trainer
         micro = trainer.fit_loop.epoch_loop.batch_idx % max(1, trainer.accumulate_grad_batches)
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         g = torch.Generator(device=device)
-        g.manual_seed(hash((seed, trainer.global_step, micro)) & (2**63 - 1))
+        g.manual_seed(hash((self.run_seed, trainer.global_step, micro)) & (2**63 - 1))
         return g
+
+    @property
+    def run_seed(self) -> int:
+        """The seed the run started with; kept in checkpoints so a resumed run draws as the original."""
+        if getattr(self, "_run_seed", None) is None:
+            self._run_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return self._run_seed
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lets `export` and `load_encoder` rebuild the encoder without instantiating the method.
         name, kwargs = self.encoder_spec
-        checkpoint["ssl_kit"] = {"method": type(self).__name__, "encoder_name": name, "encoder_kwargs": dict(kwargs)}
+        checkpoint["ssl_kit"] = {
+            "method": type(self).__name__, "encoder_name": name, "encoder_kwargs": dict(kwargs),
+            "run_seed": self.run_seed,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._run_seed = checkpoint.get("ssl_kit", {}).get("run_seed")
 
     def on_train_start(self) -> None:
         extra = getattr(self, "hparams_extra", None)
