@@ -191,12 +191,12 @@ def test_cli_fit_two_steps_then_export_loads_in_timm(tmp_path):
         "--data.synthetic_size", "8", "--data.batch_size", "4", "--data.num_workers", "0",
         "--data.image_size", "64", "--model.init_args.img_size", "64", "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "2", "--trainer.callbacks", "[]",
-        "--trainer.default_root_dir", str(run_dir), cwd=tmp_path,
+        "--checkpoint.save_last", "true", "--trainer.default_root_dir", str(run_dir), cwd=tmp_path,
     )
     assert_ok(proc)
     assert (run_dir / "last.ckpt").is_file()
     out = tmp_path / "encoder.safetensors"
-    assert_ok(run_cli("export", str(run_dir / "last.ckpt"), "--output", str(out), cwd=tmp_path))
+    assert_ok(run_cli("export", str(run_dir / "last.ckpt"), str(out), cwd=tmp_path))
 
     from safetensors import safe_open
     from safetensors.torch import load_file
