@@ -1,6 +1,6 @@
 """FCMAE training-step time: sparse encoder at mask 0.6 vs the same model's dense step.
 
-    python -m ssl_kit.benchmarks.fcmae [--model_name convnextv2_atto --img_size 224 --batch_size 16]
+    python -m ssl_kit.benchmarks.fcmae [--model_name convnextv2_nano --img_size 224 --batch_size 8 --threads 1]
 
 Three steps (forward + backward + AdamW update) on one fixed batch and one fixed mask:
 
@@ -61,9 +61,9 @@ def profile_sparse(model: FCMAE, opt, imgs, mask, target, rows: int = 15) -> Non
 
 
 def main(
-    model_name: str = "convnextv2_atto",
+    model_name: str = "convnextv2_nano",
     img_size: int = 224,
-    batch_size: int = 16,
+    batch_size: int = 8,
     mask_ratio: float = 0.6,
     decoder_embed_dim: int = 512,
     rounds: int = 5,
