@@ -9,17 +9,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from ssl_kit.backbones.timm_names import check_timm_name
 from ssl_kit.masking.random import gather_tokens
-
-
-def check_timm_name(model_name: str) -> None:
-    """Raise a ValueError naming ``model_name`` and similar timm names if timm does not know it."""
-    if timm.is_model(model_name):
-        return
-    stem = model_name.split("_")[0]
-    similar = timm.list_models(f"{stem}*")[:12]
-    hint = f" Similar timm names: {', '.join(similar)}." if similar else ""
-    raise ValueError(f"Unknown timm model name {model_name!r}.{hint} See timm.list_models().")
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> Tensor:

@@ -1,5 +1,6 @@
 """Masks for masked-image-modelling methods. Convention everywhere: 0 = keep, 1 = removed."""
 
+from ssl_kit.masking.hierarchical import random_grid_mask, upsample_mask
 from ssl_kit.masking.random import random_masking
 
-__all__ = ["random_masking"]
+__all__ = ["random_masking", "random_grid_mask", "upsample_mask"]
