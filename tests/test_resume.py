@@ -23,6 +23,8 @@ from ssl_kit.export import load_checkpoint
 #: method id -> (class path, tiny constructor kwargs, data-module kwargs overrides).
 METHODS = {
     "mae": ("ssl_kit.methods.MAE", TINY_MAE, {}),
+    "fcmae": ("ssl_kit.methods.FCMAE", dict(model_name="convnextv2_atto", img_size=64, decoder_embed_dim=32,
+                                            warmup_epochs=0.0), {}),
 }
 
 DATA = dict(dataset="synthetic", synthetic_size=12, image_size=32, val_fraction=0.0, batch_size=4)
