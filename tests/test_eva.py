@@ -225,9 +225,10 @@ def test_two_step_fit_through_the_cli(tmp_path):
         "fit", "--config", "configs/demo/eva.yaml", "--trainer.default_root_dir", str(tmp_path / "run"),
         "--model.teacher.kind", "open_clip", "--model.teacher.model_name", str(config),
         "--model.teacher.checkpoint", "null", "--model.teacher.random_init", "true",
-        "--model.min_num_patches", "8", "--trainer.max_steps", "2", "--trainer.callbacks", "[]",
-        "--data.dataset", "synthetic", "--data.synthetic_size", "16", "--data.batch_size", "4",
-        "--data.num_workers", "0",
+        "--model.min_num_patches", "8", "--trainer.max_epochs", "1", "--trainer.callbacks", "[]",
+        "--data.dataset", "synthetic", "--data.synthetic_size", "8", "--data.val_fraction", "0",
+        "--data.batch_size", "4", "--data.num_workers", "0",
+        "--checkpoint.save_last", "true",  # the CLI's parser default (null) overrides RunCheckpoint's True
     )
     assert_ok(proc)
     ckpt = torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -68,6 +68,13 @@ class TeacherConfig:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
 
+    def __post_init__(self) -> None:
+        # jsonargparse 4.5x turns `--model.teacher.checkpoint null` into the string 'None' for a
+        # dataclass nested in a subclass-mode argument; read it as the null the user typed.
+        for name in ("model_name", "checkpoint"):
+            if getattr(self, name) in ("None", "null", ""):
+                setattr(self, name, None)
+
 
 def check_teacher_source(cfg: TeacherConfig) -> None:
     """Refuse to start without teacher weights, naming the file looked for."""
