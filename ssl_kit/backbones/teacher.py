@@ -254,9 +254,11 @@ class FrozenTeacher(nn.Module):
         proj = getattr(self.model, "proj", None)
         if isinstance(proj, Tensor):
             return torch.einsum("bdhw,de->behw", grid, proj.to(grid.dtype))
-        head = getattr(self.model, "head", None)
-        if isinstance(head, nn.Sequential) and "pool" not in head._modules:
-            return head(grid.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # per-token linear / MLP head
+        head, trunk = getattr(self.model, "head", None), getattr(self.model, "trunk", None)
+        if isinstance(head, nn.Sequential) and "pool" not in head._modules and trunk is not None:
+            # open_clip TimmModel (EVA02-*): the trunk's classifier and the adapter head, per token.
+            per_token = nn.Sequential(trunk.get_classifier(), head)
+            return per_token(grid.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         raise ValueError(f"teacher.project=true: the {type(self.model).__name__} tower of "
                          f"{self.cfg.model_name!r} has no per-token projection; set teacher.project=false.")
 
