@@ -141,7 +141,8 @@ def test_encoder_teacher_from_an_exported_ssl_kit_file(tmp_path):
     torch.manual_seed(0)
     vit = create_vit("vit_tiny_patch16_224", img_size=32, patch_size=4).eval()
     path = tmp_path / "encoder.safetensors"  # the layout `python -m ssl_kit export` writes
-    meta = {"timm_model": "vit_tiny_patch16_224", "timm_kwargs": json.dumps({"img_size": 32, "patch_size": 4}), "format": "pt"}
+    kwargs = json.dumps({"img_size": 32, "patch_size": 4})
+    meta = {"timm_model": "vit_tiny_patch16_224", "timm_kwargs": kwargs, "format": "pt"}
     save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path), metadata=meta)
     teacher = FrozenTeacher(TeacherConfig("encoder", checkpoint=str(path)))
     imgs = torch.randn(2, 3, 32, 32)

@@ -221,8 +221,9 @@ class FrozenTeacher(nn.Module):
         self.cfg = cfg
         self.model = open_clip_tower(cfg) if cfg.kind == "open_clip" else encoder_tower(cfg)
         self.model.eval().requires_grad_(False)
-        default_mean, default_std = (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD) if cfg.kind == "open_clip" else (IMAGENET_MEAN, IMAGENET_STD)
-        mean, std = torch.tensor(cfg.mean or default_mean), torch.tensor(cfg.std or default_std)
+        clip = cfg.kind == "open_clip"
+        mean = torch.tensor(cfg.mean or (OPENAI_CLIP_MEAN if clip else IMAGENET_MEAN))
+        std = torch.tensor(cfg.std or (OPENAI_CLIP_STD if clip else IMAGENET_STD))
         # x_teacher = (x * in_std + in_mean - mean) / std, folded into one scale and shift per channel.
         scale = torch.tensor(IMAGENET_STD) / std
         shift = (torch.tensor(IMAGENET_MEAN) - mean) / std

@@ -70,7 +70,9 @@ def main(
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         seed: RNG seed.
     """
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     torch.manual_seed(seed)
     model = EVA(student, img_size=img_size, patch_size=patch_size,
                 teacher=TeacherConfig("open_clip", teacher, random_init=True)).to(dev)

@@ -74,7 +74,8 @@ class EVA(SSLMethod):
         self.encoder = self.build_encoder()
         self.patch_size = self.encoder.patch_embed.patch_size[0]
         self.grid = tuple(self.encoder.patch_embed.grid_size)
-        check_block_masking(self.grid, mask_ratio, min_num_patches, min_aspect)  # bad input fails before the teacher loads
+        # Bad masking arguments fail before the (possibly large) teacher loads.
+        check_block_masking(self.grid, mask_ratio, min_num_patches, min_aspect)
         self.teacher = FrozenTeacher(teacher)
         self.teacher.check_grid(self.grid)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.encoder.embed_dim))
