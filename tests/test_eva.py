@@ -118,6 +118,9 @@ def test_teacher_refuses_bad_input(clip_files, tmp_path):
     missing = tmp_path / "nowhere" / "clip.bin"
     with pytest.raises(FileNotFoundError, match="nowhere/clip.bin"):
         FrozenTeacher(TeacherConfig("open_clip", str(config), checkpoint=str(missing)))
+    demo_teacher = tmp_path / "runs" / "demo" / "mae" / "last.ckpt"
+    with pytest.raises(FileNotFoundError, match=r"run `python -m ssl_kit fit --config configs/demo/mae.yaml` first"):
+        FrozenTeacher(TeacherConfig("encoder", checkpoint=str(demo_teacher)))
     with pytest.raises(ValueError, match="random_init"):
         FrozenTeacher(TeacherConfig("open_clip", str(config)))
     with pytest.raises(ValueError, match="ViT-L-41.*ViT-L-14"):
