@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,6 +78,8 @@ class EVA(SSLMethod):
         # Bad masking arguments fail before the (possibly large) teacher loads.
         check_block_masking(self.grid, mask_ratio, min_num_patches, min_aspect)
         self.teacher = FrozenTeacher(teacher)
+        # Lightning warns about modules in eval mode at fit start: here they are the frozen teacher, on purpose.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         self.teacher.check_grid(self.grid)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.encoder.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
@@ -141,11 +144,17 @@ class EVA(SSLMethod):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
             del state[key]
-        source = self.hparams["teacher"]["checkpoint"]
-        size = Path(source).stat().st_size if source and Path(source).is_file() else None
-        checkpoint["ssl_kit"]["teacher"] = {**self.hparams["teacher"], "file_bytes": size}
+        checkpoint["ssl_kit"]["teacher"] = {**self.hparams["teacher"], "file_bytes": self._teacher_file_bytes()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The teacher was rebuilt from its file in __init__; give load_state_dict its weights back.
         teacher_state = {TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()}
         checkpoint["state_dict"].update(teacher_state)
+        saved = checkpoint.get("ssl_kit", {}).get("teacher", {}).get("file_bytes")
+        if saved is not None and saved != self._teacher_file_bytes():
+            warnings.warn(f"the teacher file {self.hparams['teacher']['checkpoint']!r} changed size since this "
+                          f"checkpoint was written ({saved} bytes then): the targets may differ.", stacklevel=2)
+
+    def _teacher_file_bytes(self) -> int | None:
+        source = self.hparams["teacher"]["checkpoint"]
+        return Path(source).stat().st_size if source and Path(source).is_file() else None
