@@ -233,6 +233,7 @@ class FrozenTeacher(nn.Module):
         with torch.inference_mode():
             probe = self.tokens(torch.zeros(1, 3, *self.input_size))  # (1, D, h, w)
         self.out_dim, self.grid = probe.shape[1], tuple(probe.shape[-2:])
+        self.eval()
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         return super().train(False)  # Lightning calls model.train() on the whole module each epoch
