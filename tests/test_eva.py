@@ -206,6 +206,9 @@ def test_student_sees_mask_tokens_at_masked_positions_only(clip_files):
         out = model.forward_student(imgs, mask)
         out_perturbed = model.forward_student(imgs + 5.0 * pixel, mask)
     assert torch.allclose(out, out_perturbed, atol=1e-5), "a masked patch's pixels must not reach the student"
+    # Evaluators read the mean of the same final-norm patch tokens the loss trains.
+    with torch.no_grad():
+        assert torch.allclose(model.extract_features(imgs), model.forward_student(imgs, torch.zeros(2, 64)).mean(1), atol=1e-5)
 
 
 # --- CLI -------------------------------------------------------------------------------------

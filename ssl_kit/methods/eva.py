@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +40,9 @@ class EVA(SSLMethod):
         min_num_patches: smallest mask block, in patches (BEiT: 16).
         min_aspect: mask blocks have aspect ratios in ``[min_aspect, 1 / min_aspect]`` (BEiT: 0.3).
         drop_path_rate: student stochastic depth.
+        global_pool: the student's feature for evaluators: ``avg`` (mean of the final-norm patch
+            tokens, which the loss trains; BEiT/EVA fine-tune this way) or ``token`` (the class token,
+            which gets no training signal here).
         crop_scale: RandomResizedCrop area range.
         optimizer, lr_scaling, warmup_epochs, min_lr_ratio: see :class:`SSLMethod`.
 
@@ -59,6 +62,7 @@ class EVA(SSLMethod):
         min_num_patches: int = 16,
         min_aspect: float = 0.3,
         drop_path_rate: float = 0.0,
+        global_pool: Literal["avg", "token"] = "avg",
         crop_scale: tuple[float, float] = (0.2, 1.0),
         optimizer: OptimizerCallable = adamw,
         lr_scaling: bool = True,
@@ -87,7 +91,9 @@ class EVA(SSLMethod):
 
     def build_encoder(self) -> nn.Module:
         hp = self.hparams
-        kwargs = dict(img_size=hp.img_size, drop_path_rate=hp.drop_path_rate)
+        kwargs = dict(img_size=hp.img_size, drop_path_rate=hp.drop_path_rate, global_pool=hp.global_pool)
+        if hp.global_pool == "avg":
+            kwargs["fc_norm"] = False  # keep timm's final norm on the tokens (what the loss sees), pool after it
         if hp.patch_size is not None:
             kwargs["patch_size"] = hp.patch_size
         self.encoder_spec = (hp.model_name, kwargs)
