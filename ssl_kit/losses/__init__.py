@@ -1,5 +1,6 @@
 """Loss functions, pure and method-independent."""
 
+from ssl_kit.losses.cosine import masked_negative_cosine
 from ssl_kit.losses.pixel import masked_mse, patchify, pixel_targets, unpatchify
 
-__all__ = ["masked_mse", "patchify", "pixel_targets", "unpatchify"]
+__all__ = ["masked_negative_cosine", "masked_mse", "patchify", "pixel_targets", "unpatchify"]

@@ -1,7 +1,8 @@
 """Pretraining methods. Each is one LightningModule; importing it here is its registration."""
 
 from ssl_kit.methods.base import SSLMethod
+from ssl_kit.methods.eva import EVA
 from ssl_kit.methods.fcmae import FCMAE
 from ssl_kit.methods.mae import MAE
 
-__all__ = ["SSLMethod", "MAE", "FCMAE"]
+__all__ = ["SSLMethod", "MAE", "FCMAE", "EVA"]
