@@ -1,5 +1,6 @@
 """Heads and decoders used only during pretraining."""
 
+from ssl_kit.heads.comparison import ComparisonMLP
 from ssl_kit.heads.mae_decoder import MAEDecoder
 
-__all__ = ["MAEDecoder"]
+__all__ = ["MAEDecoder", "ComparisonMLP"]

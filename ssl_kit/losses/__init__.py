@@ -1,5 +1,6 @@
 """Loss functions, pure and method-independent."""
 
 from ssl_kit.losses.pixel import masked_mse, patchify, pixel_targets, unpatchify
+from ssl_kit.losses.relic import relic_loss, relicv2_loss, sample_candidates
 
-__all__ = ["masked_mse", "patchify", "pixel_targets", "unpatchify"]
+__all__ = ["masked_mse", "patchify", "pixel_targets", "unpatchify", "relic_loss", "relicv2_loss", "sample_candidates"]

@@ -2,5 +2,6 @@
 
 from ssl_kit.methods.base import SSLMethod
 from ssl_kit.methods.mae import MAE
+from ssl_kit.methods.relicv2 import ReLICv2
 
-__all__ = ["SSLMethod", "MAE"]
+__all__ = ["SSLMethod", "MAE", "ReLICv2"]
