@@ -291,11 +291,13 @@ def test_config_resolves(config):
 def test_cli_fit_two_steps(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli("fit", "--config", str(REPO / "configs/demo/relicv2.yaml"), "--data.dataset", "synthetic",
-                   "--data.synthetic_size", "32", "--data.batch_size", "8", "--data.num_workers", "0",
-                   "--trainer.max_steps", "2", "--trainer.default_root_dir", str(run_dir),
+                   "--data.synthetic_size", "40", "--data.batch_size", "16", "--data.num_workers", "0",
+                   "--trainer.max_epochs", "1", "--checkpoint.every_n_epochs", "1", "--trainer.default_root_dir", str(run_dir),
                    "--model.init_args.hidden_dim", "64", "--model.init_args.num_negatives", "4")
     assert_ok(proc)
-    ckpt = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    # The run's checkpoint (last.ckpt on main; this test is about ReLICv2's state, not the file name).
+    ckpt = torch.load(sorted(run_dir.glob("*.ckpt"))[-1], map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 and ckpt["ssl_kit"]["encoder_name"] == "resnet18"
-    assert 0.99 < ckpt["state_dict"]["target.momentum"].item() < 1.0  # 2 EMA steps on the schedule
+    # The momentum is saved and follows the schedule in optimizer steps: 0.99 -> 1 reached at step 2 of 2.
+    assert ckpt["state_dict"]["target.momentum"].item() == pytest.approx(1.0)
     assert "pretrained" in (run_dir / "eval.json").read_text()
