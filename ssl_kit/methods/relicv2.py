@@ -218,8 +218,12 @@ class ReLICv2(SSLMethod):
         # ReLICv2's BatchNorm statistics, like its negatives, span the global batch. Converting here
         # (before the strategy wraps the model) makes it the method's default on any config;
         # Lightning's trainer.sync_batchnorm does the same and may be used instead.
-        if self.hparams.sync_batchnorm and self.trainer.world_size > 1:
-            nn.SyncBatchNorm.convert_sync_batchnorm(self)
+        if not (self.hparams.sync_batchnorm and self.trainer.world_size > 1):
+            return
+        if self.trainer.strategy.root_device.type == "cpu":  # torch's SyncBatchNorm has no CPU kernel
+            self.print("ReLICv2: multi-process CPU run: BatchNorm statistics stay per process.")
+            return
+        nn.SyncBatchNorm.convert_sync_batchnorm(self)
 
     def on_fit_start(self) -> None:
         n_e, world = self.hparams.num_negatives, self.trainer.world_size
