@@ -170,6 +170,18 @@ def test_views_shapes_and_small_crops_never_reach_target():
     assert seen["online"] == [(6, 3, 32, 32), (3, 3, 16, 16)]
 
 
+def test_gpu_path_workers_crop_and_module_augments():
+    # gpu_augment=True on CPU tensors: workers return un-normalised crops, the module's kornia
+    # pipelines (on_after_batch_transfer on a GPU) add the photometric part and normalise.
+    torch.manual_seed(0)
+    model = ReLICv2(**TINY, gpu_augment=True)
+    views = model.train_transform()(Image.new("RGB", (48, 40), (255, 255, 255)))
+    assert all(v.min() >= 0.99 for v in views)  # white crops: no jitter, no normalisation yet
+    out = model.augment_views([torch.stack([v] * 16) for v in views])
+    assert [tuple(v.shape) for v in out] == [(16, 3, 32, 32), (16, 3, 32, 32), (16, 3, 16, 16)]
+    assert all(v.max() > 1.5 for v in out)  # normalised: white maps to (1 - mean) / std > 2
+
+
 def test_kornia_and_torchvision_paths_share_distributions():
     torch.manual_seed(0)
     img = torch.rand(3, 32, 32)
@@ -226,6 +238,10 @@ def test_saliency_folder_matching_no_image(tmp_path):
     (dict(small_size=48), "small crop size 48 is larger"),
     (dict(p_m=1.5, saliency_root="x"), "p_m=1.5"),
     (dict(p_m=-0.1, saliency_root="x"), "p_m=-0.1"),
+    (dict(p_m=0.5), "needs saliency_root"),
+    (dict(model_name="resnet_50"), "Unknown timm model name 'resnet_50'"),
+    (dict(model_name="vit_tiny_patch16_224", encoder_kwargs=dict(img_size=32, patch_size=8, depth=1)),
+     "dynamic_img_size"),
 ])
 def test_bad_input(bad, match):
     with pytest.raises(ValueError, match=match):
