@@ -19,7 +19,7 @@ from PIL import Image
 
 from ssl_kit.data import SyntheticImages
 from ssl_kit.methods import ReLICv2
-from ssl_kit.views.multicrop import BYOL_VIEWS, MultiCropTransform
+from ssl_kit.views.multicrop import MultiCropTransform, view_photometric
 
 
 def _timed(fn, repeats: int) -> tuple[float, float]:
@@ -47,7 +47,7 @@ def augmentation_throughput(images: list[Image.Image], transform: MultiCropTrans
 
 def kornia_throughput(batch: int, sizes: list[int], device: torch.device) -> float:
     """Images per second through the batched kornia photometric pipelines of every view (wall)."""
-    pipelines = [BYOL_VIEWS[v % 2].kornia(s) for v, s in enumerate(sizes)]
+    pipelines = [view_photometric(v).kornia(s) for v, s in enumerate(sizes)]
     views = [torch.rand(batch, 3, s, s, device=device) for s in sizes]
     wall, _ = _timed(lambda: [p(v) for p, v in zip(pipelines, views)], repeats=3)
     return batch / wall

@@ -15,7 +15,7 @@ from ssl_kit.losses import relicv2_loss, sample_candidates
 from ssl_kit.methods.base import OptimizerCallable, SSLMethod
 from ssl_kit.methods.ema import EMATarget
 from ssl_kit.optim import LARS
-from ssl_kit.views.multicrop import BYOL_VIEWS, MultiCropTransform, SaliencyMasks, check_multicrop
+from ssl_kit.views.multicrop import MultiCropTransform, SaliencyMasks, check_multicrop, view_photometric
 
 
 def lars(params) -> LARS:
@@ -123,7 +123,7 @@ class ReLICv2(SSLMethod):
         on_gpu = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         gpu = on_gpu if hp.gpu_augment is None else hp.gpu_augment
         sizes = [hp.img_size] * hp.n_large + [hp.small_size] * hp.n_small
-        self._gpu_views = [BYOL_VIEWS[v % 2].kornia(s) for v, s in enumerate(sizes)] if gpu else None
+        self._gpu_views = [view_photometric(v).kornia(s) for v, s in enumerate(sizes)] if gpu else None
         return MultiCropTransform(hp.n_large, hp.n_small, hp.img_size, hp.small_size, hp.large_scale,
                                   hp.small_scale, saliency, hp.p_m, photometric=not gpu)
 

@@ -76,6 +76,12 @@ class Photometric:
 BYOL_VIEWS = (Photometric(blur_p=1.0, solarize_p=0.0), Photometric(blur_p=0.1, solarize_p=0.2))
 
 
+def view_photometric(v: int, views: Sequence[Photometric] = BYOL_VIEWS) -> Photometric:
+    """View ``v``'s photometric setting: ``views`` cycled over view indices. The CPU transform and
+    the GPU pipelines both call this, so view ``v`` draws from one distribution on either path."""
+    return views[v % len(views)]
+
+
 def blur_kernel(size: int) -> int:
     """Odd Gaussian-blur kernel of about 10% of the crop side (BYOL: 23 px at 224), at least 3."""
     k = max(3, int(round(size / 10)))
@@ -174,7 +180,7 @@ class MultiCropTransform:
         self.sizes = [large_size] * n_large + [small_size] * n_small
         scales = [tuple(large_scale)] * n_large + [tuple(small_scale)] * n_small
         self.geometric = [_geometric(s, sc) for s, sc in zip(self.sizes, scales)]
-        self.photometric = [views[v % len(views)].torchvision(s) if photometric else T.Identity()
+        self.photometric = [view_photometric(v, views).torchvision(s) if photometric else T.Identity()
                             for v, s in enumerate(self.sizes)]
 
     def __call__(self, img: Image.Image) -> list[Tensor]:
