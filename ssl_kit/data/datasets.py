@@ -132,7 +132,10 @@ class ImageFolder(LabeledImages):
         return len(self.files)
 
     def load(self, index: int) -> Image.Image:
-        return open_rgb(self.files[index])
+        img = open_rgb(self.files[index])
+        # Transforms that need per-image side data (ReLICv2's saliency masks) look it up by this path.
+        img.info["relpath"] = self.files[index].relative_to(self.root).as_posix()
+        return img
 
 
 class Digits(LabeledImages):

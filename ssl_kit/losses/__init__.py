@@ -2,5 +2,9 @@
 
 from ssl_kit.losses.cosine import masked_negative_cosine
 from ssl_kit.losses.pixel import masked_mse, patchify, pixel_targets, unpatchify
+from ssl_kit.losses.relic import relic_loss, relicv2_loss, sample_candidates
 
-__all__ = ["masked_negative_cosine", "masked_mse", "patchify", "pixel_targets", "unpatchify"]
+__all__ = [
+    "masked_negative_cosine", "masked_mse", "patchify", "pixel_targets", "unpatchify", "relic_loss", "relicv2_loss",
+    "sample_candidates",
+]

@@ -4,5 +4,6 @@ from ssl_kit.methods.base import SSLMethod
 from ssl_kit.methods.eva import EVA
 from ssl_kit.methods.fcmae import FCMAE
 from ssl_kit.methods.mae import MAE
+from ssl_kit.methods.relicv2 import ReLICv2
 
-__all__ = ["SSLMethod", "MAE", "FCMAE", "EVA"]
+__all__ = ["SSLMethod", "MAE", "FCMAE", "ReLICv2", "EVA"]

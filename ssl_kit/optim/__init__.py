@@ -1,4 +1,4 @@
-"""Optimizers that torch and timm do not ship in the form the evaluation recipes need."""
+"""Optimizers not in torch.optim: LARS for large-batch pretraining and the linear probe."""
 
 from ssl_kit.optim.lars import LARS
 

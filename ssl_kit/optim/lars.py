@@ -1,49 +1,47 @@
-"""LARS: layer-wise adaptive rate scaling (You et al., 2017, arXiv:1708.03888)."""
+"""LARS: layer-wise adaptive rate scaling (You et al., 2017, arXiv:1708.03888), SGD-momentum based,
+as used by SimCLR/BYOL/ReLICv2 for large-batch pretraining and by MAE's linear probe."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch.optim import Optimizer
 
 
 class LARS(Optimizer):
-    """SGD with momentum whose update of each weight matrix is rescaled by its trust ratio
-    ``trust_coefficient * ||w|| / ||g + weight_decay * w||`` (1 when either norm is 0).
+    """SGD with momentum whose per-tensor step is scaled by the trust ratio
+    ``trust_coefficient * ||w|| / ||g + wd * w||`` (1 when either norm is 0).
 
-    Tensors with ``ndim <= 1`` (biases, norm parameters) take a plain momentum-SGD step with
-    neither trust ratio nor weight decay, as in the MAE linear-probe recipe (lr 0.1 x B/256,
-    no weight decay, batch 16384).
-
-    Update, per weight matrix ``w`` with gradient ``g``:
-    ``u = g + wd * w;  u *= trust_ratio;  m = momentum * m + u;  w -= lr * m``.
+    Weight decay is added to the gradient before the trust ratio. With ``exclude_bias_and_norm``
+    every tensor with ``ndim <= 1`` (biases, norm scales) gets neither weight decay nor
+    adaptation, as in BYOL. A param group's own ``weight_decay`` overrides the default.
 
     Args:
         params: parameters or parameter groups.
         lr: learning rate.
         momentum: heavy-ball momentum.
-        weight_decay: L2 coefficient added to the gradient of matrices before the trust ratio.
-        trust_coefficient: eta in the paper; scales the ratio of weight norm to update norm.
+        weight_decay: L2 coefficient.
+        trust_coefficient: eta in the trust ratio.
+        exclude_bias_and_norm: skip decay and adaptation for 0-/1-D tensors.
 
     Examples:
-        >>> head = torch.nn.Linear(768, 1000)
-        >>> opt = LARS(head.parameters(), lr=0.1 * 16384 / 256, weight_decay=0.0)
+        >>> opt = LARS(torch.nn.Linear(4, 2).parameters(), lr=0.1, weight_decay=1e-6)
     """
 
     def __init__(
         self, params: Iterable, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
-        trust_coefficient: float = 0.001,
+        trust_coefficient: float = 0.001, exclude_bias_and_norm: bool = True,
     ) -> None:
-        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
-                            ("trust_coefficient", trust_coefficient)):
-            if value < 0:
-                raise ValueError(f"LARS {name}={value} is not allowed: it must be >= 0.")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient)
+        if lr < 0 or momentum < 0 or weight_decay < 0 or trust_coefficient <= 0:
+            raise ValueError(f"LARS: lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0 "
+                             f"and trust_coefficient={trust_coefficient} > 0.")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, exclude_bias_and_norm=exclude_bias_and_norm)
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
+    def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -52,21 +50,19 @@ class LARS(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                update = p.grad
-                if p.ndim > 1:
-                    update = update.add(p, alpha=group["weight_decay"])
-                    update = update.mul(self._trust_ratio(p, update, group["trust_coefficient"]))
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(update)
+                grad = p.grad
+                plain = group["exclude_bias_and_norm"] and p.ndim <= 1
+                if not plain:
+                    if group["weight_decay"]:
+                        grad = grad.add(p, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                        group["trust_coefficient"] * w_norm / g_norm, torch.ones_like(w_norm))
+                    grad = grad * trust
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.clone(grad).detach()
+                else:
+                    buf.mul_(group["momentum"]).add_(grad)
                 p.add_(buf, alpha=-group["lr"])
         return loss
-
-    @staticmethod
-    def _trust_ratio(p: torch.Tensor, update: torch.Tensor, coefficient: float) -> torch.Tensor:
-        w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-        ratio = coefficient * w_norm / u_norm
-        # A zero weight (fresh zero-init) or zero update has no scale to adapt to: step as SGD.
-        return torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
