@@ -196,7 +196,7 @@ def test_cli_fit_two_steps_then_export_loads_in_timm(tmp_path):
     assert_ok(proc)
     assert (run_dir / "last.ckpt").is_file()
     out = tmp_path / "encoder.safetensors"
-    assert_ok(run_cli("export", str(run_dir / "last.ckpt"), str(out), cwd=tmp_path))
+    assert_ok(run_cli("export", str(run_dir / "last.ckpt"), "--output", str(out), cwd=tmp_path))
 
     from safetensors import safe_open
     from safetensors.torch import load_file

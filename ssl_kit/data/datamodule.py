@@ -137,6 +137,17 @@ class SSLDataModule(pl.LightningDataModule):
         """Failed image reads replaced so far by this rank's loader processes (each read counts)."""
         return int(self._skipped.value)
 
+    def __getstate__(self) -> dict:
+        # A multiprocessing.Value made in this (fork) context cannot travel to spawned processes
+        # (ddp_spawn): send the count and make a fresh shared counter on arrival.
+        state = dict(self.__dict__)
+        state["_skipped"] = self.skipped_images
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state["_skipped"] = Value("q", state["_skipped"])
+        self.__dict__.update(state)
+
     def teardown(self, stage: str) -> None:
         if self.skipped_images:
             print(f"SSLDataModule: skipped {self.skipped_images} unreadable image(s) (bad_images='skip').")

@@ -153,6 +153,7 @@ class EVA(SSLMethod):
         checkpoint["ssl_kit"]["teacher"] = {**self.hparams["teacher"], "file_bytes": self._teacher_file_bytes()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         # The teacher was rebuilt from its file in __init__; give load_state_dict its weights back.
         teacher_state = {TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()}
         checkpoint["state_dict"].update(teacher_state)

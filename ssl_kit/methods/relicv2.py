@@ -101,7 +101,6 @@ class ReLICv2(SSLMethod):
         self.head = ComparisonMLP(self.encoder.num_features, hidden_dim, out_dim, num_layers, head_batch_norm)
         self.target = EMATarget(nn.Sequential(self.encoder, self.head), base_momentum, final_momentum)
         self._gpu_views: list[nn.Module] | None = None  # kornia pipelines, when augmenting on the GPU
-        self._ema_step = 0
 
     # --- encoder and views ----------------------------------------------------------------
     def build_encoder(self) -> nn.Module:
@@ -203,16 +202,13 @@ class ReLICv2(SSLMethod):
         return loss
 
     # --- target network ---------------------------------------------------------------------
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        step = self.trainer.global_step  # optimizer steps done: moves only when one happened
-        if step > self._ema_step:
-            total = max(1, int(self.trainer.estimated_stepping_batches))
-            self.target.update(nn.Sequential(self.encoder, self.head), step, total)
-            self._ema_step = step
-
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        self._ema_step = self.trainer.global_step  # a resumed run continues its schedule
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # The target follows every real optimizer step, inside the step itself, so any checkpoint
+        # (also one written mid-epoch by a callback's on_train_batch_end) holds a consistent pair.
+        done = self.trainer.global_step + 1  # Lightning counts this step as completed after the hook
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        self.target.update(nn.Sequential(self.encoder, self.head), done, total)
 
     def setup(self, stage: str) -> None:
         # ReLICv2's BatchNorm statistics, like its negatives, span the global batch. Converting here
