@@ -131,3 +131,14 @@ def test_any_timm_vit(name, patch, size):
     loss, pred, mask = mae(torch.randn(2, 3, size, size))
     L = (size // mae.patch_size) ** 2
     assert pred.shape == (2, L, mae.patch_size**2 * 3) and torch.isfinite(loss)
+
+
+def test_reconstruct_undoes_norm_pix_with_each_patch_statistics(tiny_mae):
+    """A perfect norm-pix prediction maps back to the original pixels."""
+    from ssl_kit.losses import predictions_to_image
+
+    imgs = torch.rand(2, 3, 32, 32) * 3 + 1
+    assert torch.allclose(predictions_to_image(pixel_targets(imgs, 4, True), imgs, 4, True), imgs, atol=1e-4)
+    assert torch.equal(predictions_to_image(patchify(imgs, 4), imgs, 4, False), imgs)
+    recon, mask = tiny_mae.reconstruct(imgs)
+    assert recon.shape == imgs.shape and mask.shape == (2, 64)

@@ -47,6 +47,21 @@ def pixel_targets(imgs: Tensor, patch_size: int, norm_pix: bool, eps: float = 1e
     return target
 
 
+def predictions_to_image(pred: Tensor, imgs: Tensor, patch_size: int, norm_pix: bool, eps: float = 1e-6) -> Tensor:
+    """Inverse of :func:`pixel_targets` for predictions: undo each patch's normalisation with the
+    statistics of ``imgs`` (when ``norm_pix``) and reassemble the image.
+
+    Shapes:
+        pred: (B, L, P); imgs: (B, C, H, W) -> (B, C, H, W)
+    """
+    if norm_pix:
+        patches = patchify(imgs, patch_size)  # (B, L, P)
+        mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
+        pred = pred * (var + eps) ** 0.5 + mean
+    grid = (imgs.shape[-2] // patch_size, imgs.shape[-1] // patch_size)
+    return unpatchify(pred.float(), patch_size, grid, imgs.shape[1])
+
+
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """Mean squared error over removed patches only (mask: 1 = removed).
 

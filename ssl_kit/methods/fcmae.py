@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ssl_kit.backbones.convnextv2_sparse import check_input, create_convnextv2, forward_sparse, total_stride
 from ssl_kit.heads.fcmae_decoder import FCMAEDecoder
-from ssl_kit.losses import masked_mse, patchify, pixel_targets, unpatchify
+from ssl_kit.losses import masked_mse, pixel_targets, predictions_to_image
 from ssl_kit.masking.hierarchical import random_grid_mask
 from ssl_kit.masking.random import check_mask_ratio
 from ssl_kit.methods.base import OptimizerCallable, SSLMethod, adamw
@@ -126,9 +126,4 @@ class FCMAE(SSLMethod):
             imgs: (B, C, H, W) -> recon (B, C, H, W), mask (B, L)
         """
         _, pred, mask = self(imgs)
-        if self.norm_pix_loss:
-            patches = patchify(imgs, self.patch_size)  # (B, L, P)
-            mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
-            pred = pred * (var + 1e-6) ** 0.5 + mean
-        grid = (imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size)
-        return unpatchify(pred.float(), self.patch_size, grid, imgs.shape[1]), mask
+        return predictions_to_image(pred, imgs, self.patch_size, self.norm_pix_loss), mask

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ssl_kit.backbones.vit import create_vit, forward_visible, num_patches
 from ssl_kit.heads import MAEDecoder
-from ssl_kit.losses import masked_mse, patchify, pixel_targets, unpatchify
+from ssl_kit.losses import masked_mse, pixel_targets, predictions_to_image
 from ssl_kit.masking.random import check_mask_ratio, random_masking
 from ssl_kit.methods.base import OptimizerCallable, SSLMethod, adamw
 from ssl_kit.views import MaskedImageTransform
@@ -132,8 +132,4 @@ class MAE(SSLMethod):
             imgs: (B, C, H, W) -> recon (B, C, H, W), mask (B, L)
         """
         _, pred, mask = self(imgs)
-        if self.norm_pix_loss:
-            patches = patchify(imgs, self.patch_size)  # (B, L, P)
-            mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True)
-            pred = pred * (var + 1e-6) ** 0.5 + mean
-        return unpatchify(pred.float(), self.patch_size, self.grid, imgs.shape[1]), mask
+        return predictions_to_image(pred, imgs, self.patch_size, self.norm_pix_loss), mask
