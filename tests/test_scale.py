@@ -46,14 +46,12 @@ class LossProbe(pl.Callback):
 
 
 def _write_run_inputs(tmp_path, n_images: int):
-    """Identical, left-right symmetric images (so crop-scale-1 + flip augmentation is the
-    identity and the data order cannot matter), the probe module and a tiny-MAE SGD config."""
+    """Distinct random images (so a sample paired with another sample's mask, or a rank training
+    on the wrong shard, changes the loss), the probe module and a tiny-MAE SGD config."""
     rng = np.random.default_rng(0)
-    half = rng.integers(0, 256, size=(32, 16, 3), dtype=np.uint8)
-    img = Image.fromarray(np.concatenate([half, half[:, ::-1]], axis=1))
     (tmp_path / "images").mkdir()
     for i in range(n_images):
-        img.save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
     (tmp_path / "loss_probe.py").write_text(PROBE)
     model_args = "\n".join(f"    {k}: {v}" for k, v in TINY_MAE.items())
     (tmp_path / "cfg.yaml").write_text(textwrap.dedent("""\
@@ -116,8 +114,8 @@ def test_ddp_two_processes_equal_one_process_with_same_global_batch(tmp_path, mo
     assert f"global batch {2 * b} -> lr 0.0156" in two.stdout
     assert one["precision"] == "32-true"  # precision left unset resolves to 32-true on CPU
 
-    # Same images, so only the masks differ between ranks: different per rank, and together
-    # exactly the masks of the one-process batch.
+    # Distinct images: each rank trains its own shard with the masks its samples get in the
+    # one-process batch, so the mean of the ranks' losses is the one-process loss.
     assert ranks[0]["loss"] != pytest.approx(ranks[1]["loss"], rel=1e-4)
     assert one["loss"] == pytest.approx((ranks[0]["loss"] + ranks[1]["loss"]) / 2, rel=1e-5)
 
