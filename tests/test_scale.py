@@ -197,11 +197,26 @@ def test_fused_adamw_rebuild_keeps_groups_and_matches_unfused_step():
         torch.testing.assert_close(p, q)
 
 
-def test_compile_blocks_in_place_keeps_state_dict_keys(tiny_mae):
+def test_compile_blocks_in_place_keeps_state_dict_keys(tiny_mae, monkeypatch):
+    """Each repeated block is really compiled (its calls go through TorchDynamo), in place."""
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    # The eager backend: Dynamo traces each block but runs it without Inductor's C++ build (CPU time).
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    torch._dynamo.reset()
+    counters.clear()
     keys = list(tiny_mae.state_dict())
     names = compile_blocks(tiny_mae)
     assert names == [f"encoder.blocks.{i}" for i in range(12)] + ["decoder.blocks.0"]
     assert list(tiny_mae.state_dict()) == keys
+    modules = dict(tiny_mae.named_modules())
+    assert all(modules[n]._compiled_call_impl is not None for n in names)
+    assert not any(getattr(m, "_compiled_call_impl", None) is not None for n, m in modules.items() if n not in names)
+    with torch.no_grad():
+        tiny_mae.eval()(torch.randn(2, 3, 32, 32))
+    assert counters["stats"]["unique_graphs"] >= 2  # encoder and decoder blocks were traced
+    torch._dynamo.reset()
     convnet = torch.nn.Module()
     convnet.encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
     assert compile_blocks(convnet) == ["encoder"]
