@@ -99,7 +99,12 @@ def test_bench_figures_follow_the_clock(tmp_path, monkeypatch, one_thread):
     clock = VirtualClock()
     monkeypatch.setattr(ssl_kit.bench, "time", SimpleNamespace(perf_counter=clock.perf_counter))
     step = MAE.training_step
-    monkeypatch.setattr(MAE, "training_step", lambda self, *a: (setattr(clock, "steps", clock.steps + 1), step(self, *a))[1])
+
+    def timed_step(self, *args):
+        clock.steps += 1
+        return step(self, *args)
+
+    monkeypatch.setattr(MAE, "training_step", timed_step)
     monkeypatch.setattr(ssl_kit.bench, "measured_matmul_tflops", functools.partial(
         ssl_kit.bench.measured_matmul_tflops, n=256, repeats=2))  # the clock, not the matmul, sets the time
     out = tmp_path / "bench.json"
