@@ -131,6 +131,26 @@ def test_ddp_two_processes_equal_one_process_with_same_global_batch(tmp_path, mo
     assert moved > 10
 
 
+def test_lr_rule_uses_batch_devices_nodes_and_accumulation(tiny_mae, monkeypatch, capsys):
+    """README: global batch = data.batch_size x devices x num_nodes x accumulate_grad_batches,
+    lr = base lr x global batch / 256, printed and logged. A real (not launched) Trainer for
+    2 devices x 3 nodes x accumulation 4 with batch 5: global batch 120."""
+    import pytorch_lightning as pl
+
+    from ssl_kit.data import SSLDataModule
+
+    trainer = pl.Trainer(accelerator="cpu", devices=2, num_nodes=3, strategy="ddp", accumulate_grad_batches=4,
+                         max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer._data_connector.attach_datamodule(tiny_mae, datamodule=SSLDataModule("synthetic", batch_size=5))
+    monkeypatch.setattr(pl.Trainer, "estimated_stepping_batches", property(lambda self: 100))
+    tiny_mae.trainer = trainer
+    optimizer = tiny_mae.configure_optimizers()["optimizer"]
+    assert tiny_mae.hparams_extra["global_batch_size"] == 5 * 2 * 3 * 4
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1.5e-4 * 120 / 256] * 2)
+    assert tiny_mae.hparams_extra["peak_lr"] == pytest.approx(1.5e-4 * 120 / 256)
+    assert "global batch 120 -> lr 7.03e-05" in capsys.readouterr().out
+
+
 def _fake_trainer(world=1, rank=0, step=0, batch_idx=0, accumulate=1, precision="32-true"):
     return SimpleNamespace(
         world_size=world, global_rank=rank, global_step=step, accumulate_grad_batches=accumulate, precision=precision,
