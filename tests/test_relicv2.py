@@ -156,6 +156,27 @@ def test_target_never_moves_through_the_optimizer():
     assert not torch.equal(model.encoder.patch_embed.proj.weight, online0)  # the online network did train
 
 
+def test_export_writes_the_online_encoder_not_the_ema_target(tmp_path):
+    """README: ReLICv2 exports (and evaluators load) the online encoder; the EMA target stays in
+    the checkpoint for resuming only."""
+    from safetensors.torch import load_file
+
+    from ssl_kit.export import export
+
+    torch.manual_seed(0)
+    model = ReLICv2(**TINY)
+    trainer = _fit(model, steps=1)
+    with torch.no_grad():  # make the target unmistakable (after one step it is ~0.4% from online)
+        for p in model.target.parameters():
+            p.add_(1.0)
+    trainer.save_checkpoint(tmp_path / "relic.ckpt")
+    exported = load_file(str(export(str(tmp_path / "relic.ckpt"), str(tmp_path / "enc.safetensors"))))
+    online, target = model.encoder.state_dict(), model.target.module[0].state_dict()
+    assert set(exported) == set(online)
+    assert all(torch.equal(exported[k], v) for k, v in online.items())
+    assert not torch.equal(exported["conv1.weight"], target["conv1.weight"])
+
+
 # --- views and routing --------------------------------------------------------------------------------
 def test_views_shapes_and_small_crops_never_reach_target():
     torch.manual_seed(0)
