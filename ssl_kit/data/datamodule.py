@@ -52,6 +52,8 @@ class SSLDataModule(pl.LightningDataModule):
             uses the next readable index instead, so the replacement is the same on every rank.
         shuffle_buffer: ``shards`` only: each loader worker reads its shards in order and shuffles
             blocks of this many samples (it holds that many encoded images in memory).
+        gpu_decode: decode training JPEGs on the GPU (nvJPEG) instead of in the loader workers,
+            for single-crop views (MAE, FCMAE, EVA); only used when training on CUDA.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class SSLDataModule(pl.LightningDataModule):
         seed: int = 0,
         bad_images: Literal["error", "skip"] = "skip",
         shuffle_buffer: int = 1000,
+        gpu_decode: bool = False,
     ) -> None:
         super().__init__()
         if bad_images not in ("error", "skip"):
@@ -77,7 +80,7 @@ class SSLDataModule(pl.LightningDataModule):
         self._resume_position: tuple[int, int] | None = None
         self._sampler_seed: int | None = None  # a resumed run keeps the order seed of the original
         self._resume_shards: dict | None = None  # shards: the checkpoint's stream positions, checked on resume
-        self.shuffle_buffer, self._stream = shuffle_buffer, None
+        self.shuffle_buffer, self.gpu_decode, self._stream = shuffle_buffer, gpu_decode, None
         if dataset in ("folder", "shards") and root is None:
             raise ValueError(f"data.dataset={dataset!r} needs data.root (a directory of images, or shards "
                              f"for 'shards'); or use data.dataset='digits' or 'synthetic'.")
@@ -200,13 +203,18 @@ class SSLDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_transform is None:
             raise RuntimeError("SSLDataModule has no training transform: attach it to a model or call set_transforms().")
-        dataset = self.split("train", self.train_transform)
+        transform = self.train_transform
+        if self.gpu_decode:
+            from ssl_kit.data.gpu_decode import gpu_view
+
+            transform = gpu_view(transform, self.trainer)
+        dataset = self.split("train", transform)
         if len(dataset) < self.batch_size:
             raise ValueError(f"the training split has {len(dataset)} images, fewer than batch_size={self.batch_size}.")
         if self.dataset == "shards":
             from ssl_kit.data.shard_stream import shard_loader
 
-            loader = shard_loader(self, dataset.subset, _seeded)
+            loader = shard_loader(self, dataset, _seeded)
             self._stream = loader.dataset
             return loader
         return self._train_loader(dataset)

@@ -289,11 +289,11 @@ def check_resume(saved: dict, now: dict) -> None:
                          "(workers = loader streams: each reads its own shards).")
 
 
-def shard_loader(datamodule, subset, seeded: Callable) -> ShardLoader:
-    """The training loader of ``datamodule`` (``dataset: shards``) over the training ``subset``."""
-    dm, trainer = datamodule, datamodule.trainer
+def shard_loader(datamodule, split, seeded: Callable) -> ShardLoader:
+    """The training loader of ``datamodule`` (``dataset: shards``) over its training ``split``."""
+    dm, trainer, subset = datamodule, datamodule.trainer, split.subset
     stream = ShardStream(
-        subset.dataset, subset.indices, dm.train_transform, seeded, batch_size=dm.batch_size,
+        subset.dataset, subset.indices, split.transform, seeded, batch_size=dm.batch_size,
         world_size=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0,
         workers=dm.num_workers, seed=dm.sampler_seed(), shuffle_buffer=dm.shuffle_buffer,
         bad_images=dm.bad_images, skipped=dm._skipped,
