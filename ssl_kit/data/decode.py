@@ -24,7 +24,12 @@ from typing import Sequence
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.io import ImageReadMode
+
+try:  # deprecated in torchvision 0.29 in favour of TorchCodec; PIL decodes if it goes away
+    from torchvision.io import decode_jpeg
+except ImportError:  # pragma: no cover
+    decode_jpeg = None
 from torchvision.transforms.v2 import functional as TF
 
 from ssl_kit.data.datasets import to_rgb
@@ -118,8 +123,8 @@ class EncodedImage:
             try:
                 raw = torch.frombuffer(bytearray(self.data), dtype=torch.uint8)
                 self._decoded[1] = decode_jpeg(raw, mode=ImageReadMode.RGB, apply_exif_orientation=True)
-            except RuntimeError:  # a JPEG libjpeg-turbo refuses through torchvision: PIL decides (and names it)
-                self._decoded[1] = pil_to_tensor(decode_rgb(self.data, self.name))
+            except (RuntimeError, TypeError):  # refused by torchvision's libjpeg-turbo (or no decode_jpeg):
+                self._decoded[1] = pil_to_tensor(decode_rgb(self.data, self.name))  # PIL decides, names it
         return self._decoded[1]
 
     def decode_reduced(self, scale: int) -> tuple["Image.Image | Tensor", int]:
