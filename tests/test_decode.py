@@ -70,8 +70,8 @@ def test_crop_boxes_are_torchvision_draws():
 @pytest.mark.parametrize("size, max_scale", [(224, 1), (64, 4)], ids=["224px-full-decode", "64px-dct-scaled"])
 def test_views_match_the_plain_path(jpegs, size, max_scale):
     """Per sample (same seed): same crop and flip, pixels within rounding at 224 px (libjpeg full
-    decode) and within a few levels at 64 px, where crops decode at 1/2-1/8 size. Over all samples:
-    crop-box distribution (area and aspect of the boxes) and per-channel mean and std agree."""
+    decode) and within a few levels at 64 px, where crops decode at 1/2 or 1/4 size (the box edges
+    snap to that grid). Over all samples: per-channel mean and std agree."""
     plain_t, fast_t = plain(size), fast(size)
     plain_views, fast_views, scales = [], [], []
     for k in range(48):
@@ -86,7 +86,7 @@ def test_views_match_the_plain_path(jpegs, size, max_scale):
         fast_views.append(fast_t(encoded))
     a, b = torch.stack(plain_views), torch.stack(fast_views)  # (N, 3, S, S)
     levels = (a - b).abs().mean(dim=(1, 2, 3)) * 0.226 * 255  # per-sample mean abs difference, 8-bit levels
-    assert levels.max() < (0.5 if size == 224 else 6.0), levels.max()
+    assert levels.max() < (0.5 if size == 224 else 8.0), levels.max()  # 64 px: crop edges on the reduced grid
     assert max(scales) == max_scale and (size == 224 or sum(s > 1 for s in scales) > 30)
     for stat in (lambda x: x.mean(dim=(0, 2, 3)), lambda x: x.std(dim=(0, 2, 3))):
         assert torch.allclose(stat(a), stat(b), atol=0.01), (stat(a), stat(b))  # ~0.6 levels

@@ -54,7 +54,7 @@ def shards(tmp_path_factory):
 
 def ids_transform(img) -> int:
     """A 'view' that is the sample's number (the converter's keys are the sample numbers)."""
-    return int(img.info["relpath"].split(".")[0])
+    return int(img.info["key"])
 
 
 def stream_batches(data, workers=0, position=(0, 0), world_size=1, rank=0, batch_size=4, seed=3, buffer=5,
@@ -131,6 +131,29 @@ def test_shard_job_interrupted_then_resumed(tmp_path):
 
     changed = run_cli(*args[:5], "--shard_size", "5", *args[7:], cwd=tmp_path)  # another job, same folder
     assert changed.returncode == 2 and "holds shards of another conversion (shard_size differ" in changed.stderr
+
+
+def test_pipe_and_fsspec_shards_read_like_local_files(shards):
+    """The same shards through `pipe:cat ...` (streamed, counted from the headers) and an fsspec
+    URL (memory://, with its sizes.json) give the same epoch; single samples need seekable shards."""
+    import fsspec
+
+    _, out, pattern = shards
+    local = ShardSamples(pattern)
+    piped = ShardSamples(f"pipe:cat {out}/train-{{000000..000002}}.tar")
+    memory = fsspec.filesystem("memory")
+    for path in out.iterdir():
+        memory.pipe(f"/wds/{path.name}", path.read_bytes())
+    remote = ShardSamples("memory://wds/train-{000000..000002}.tar")
+    assert piped.sizes == remote.sizes == [8, 8, 8]
+    expected, _ = stream_batches(local, workers=2)
+    for data in (piped, remote):
+        assert stream_batches(data, workers=2)[0] == expected
+    img, ref = remote.load(5), local.load(5)
+    assert np.array_equal(np.asarray(img), np.asarray(ref)) and img.info["relpath"] == ref.info["relpath"]
+    assert ref.info["relpath"].split("/")[0] in CLASSES  # the original path, from the json member
+    with pytest.raises(OSError, match="needs a seekable shard"):
+        piped.load(0)
 
 
 # --- streams: disjoint shards, order, resume -----------------------------------------------------

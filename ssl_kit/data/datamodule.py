@@ -51,7 +51,7 @@ class SSLDataModule(pl.LightningDataModule):
             raises naming the file; ``skip`` logs it, counts it (:attr:`skipped_images`) and
             uses the next readable index instead, so the replacement is the same on every rank.
         shuffle_buffer: ``shards`` only: each loader worker reads its shards in order and shuffles
-            blocks of this many samples (it holds that many encoded images in memory).
+            blocks of this many samples (it holds that many encoded images in memory; 1: no shuffling).
         gpu_decode: decode training JPEGs on the GPU (nvJPEG) instead of in the loader workers,
             for single-crop views (MAE, FCMAE, EVA); only used when training on CUDA.
     """
@@ -88,6 +88,8 @@ class SSLDataModule(pl.LightningDataModule):
             raise ValueError(f"val_fraction={val_fraction} is not allowed: use 0 <= val_fraction < 1.")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} is not allowed: it must be >= 1.")
+        if shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer={shuffle_buffer} is not allowed: it must be >= 1 (1: no shuffling).")
         self.dataset, self.root, self.val_root = dataset, root, val_root
         self.val_fraction, self.seed = val_fraction, seed
         self.batch_size = batch_size

@@ -5,7 +5,9 @@ pixel at full size, copies the crop out and resizes it with PIL. :class:`RandomR
 draws the same crop box from the same RNG calls, then
 
 * decodes at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling, PIL ``Image.draft``) when the crop is
-  shrunk by at least that factor anyway, so the reduced crop still has at least the output size;
+  shrunk by at least that factor anyway, so the reduced crop still has at least the output size
+  (at quality 90 this saves less than one might hope: entropy decoding, which scaling does not
+  shorten, is most of a decode; the smaller resize is the larger gain);
 * otherwise decodes with libjpeg-turbo straight into a tensor (``torchvision.io.decode_jpeg``);
 * crops a view of the decoded pixels (no copy) and resizes it with PyTorch's uint8 bicubic
   antialiased kernel (the same filter as PIL's bicubic, ~4x faster), then flips and normalises
@@ -201,9 +203,9 @@ def crop_resize(img: "EncodedImage | Image.Image", box: tuple[int, int, int, int
     """Crop ``box`` = (top, left, h, w) of the upright image and resize it to ``size`` = (H, W), bicubic.
 
     An :class:`EncodedImage` is decoded at the coarsest DCT scale that keeps the crop at least
-    ``size`` on each side; the box is mapped to that scale with sub-pixel precision (PIL's box
-    resize on the small decoded image). Otherwise the crop is a view of the full-size pixels,
-    resized by PyTorch's uint8 antialiased bicubic kernel.
+    ``size`` on each side, and the box edges are moved to the nearest pixel of that scale (at most
+    half a reduced pixel: an unbiased jitter far below the crop's own randomness). The crop is a
+    view of the decoded pixels, resized by PyTorch's uint8 antialiased bicubic kernel (PIL's filter).
 
     Shapes:
         returns (3, H, W) uint8.
@@ -212,9 +214,10 @@ def crop_resize(img: "EncodedImage | Image.Image", box: tuple[int, int, int, int
     if isinstance(img, EncodedImage):
         scale = dct_scale(h, w, *size)
         pixels, scale = img.decode_reduced(scale) if scale > 1 else (img.decode(), 1)
-        if scale > 1:
-            fbox = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
-            return pil_to_tensor(pixels.resize(size[::-1], Image.BICUBIC, box=fbox))
+        if scale > 1:  # edges to the nearest reduced pixel: at most half a reduced pixel off
+            pixels = pil_to_tensor(pixels)
+            top, left, bottom, right = (round(v / scale) for v in (top, left, top + h, left + w))
+            h, w = max(1, bottom - top), max(1, right - left)
     else:
         pixels = pil_to_tensor(img if img.mode == "RGB" else img.convert("RGB"))
     crop = pixels[:, top : top + h, left : left + w]  # (3, h, w) view

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ssl_kit.data.sampler import sample_seed
-from ssl_kit.data.shards import ShardSamples, image_suffix, label_of, stream_samples
+from ssl_kit.data.shards import ShardSamples, image_suffix, label_of, side_info, stream_samples
 
 # Lightning warns that __len__ of an iterable data set may be wrong with several workers: here it is exact.
 warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
@@ -193,7 +193,7 @@ class ShardStream(IterableDataset):
             label = label_of(sample)
         except ValueError as err:
             raise OSError(f"shard {name!r}: sample {key!r} has an unreadable label ({err}).") from None
-        info = {"relpath": f"{key}.{suffix}"}
+        info = side_info(sample, key, suffix)
         from ssl_kit.data.decode import EncodedImage, decode_rgb
 
         if self.encoded:

@@ -139,6 +139,19 @@ def label_of(members: dict) -> int:
     return UNLABELED
 
 
+def side_info(members: dict, key: str, suffix: str) -> dict:
+    """``img.info`` for a sample's image: its ``key`` and ``relpath`` (the ``json`` member's
+    ``relpath``, as ``shard`` records it, else ``KEY.SUFFIX``; saliency masks are matched by it)."""
+    relpath = f"{key}.{suffix}"
+    if "json" in members:
+        try:
+            meta = json.loads(_bytes(members["json"]))
+            relpath = meta["relpath"] if isinstance(meta, dict) and isinstance(meta.get("relpath"), str) else relpath
+        except ValueError:
+            pass
+    return {"key": key, "relpath": relpath}
+
+
 def _bytes(value) -> bytes:
     return value() if callable(value) else value
 
@@ -329,7 +342,8 @@ class ShardSamples(LabeledImages):
         if suffix is None:
             raise OSError(f"shard {name!r}: sample {key!r} has no image (members: {', '.join(members) or 'none'}; "
                           f"expected one of {', '.join(IMAGE_SUFFIXES)}).")
-        return read_member(name, *members[suffix]), f"{name}:{key}.{suffix}", {"relpath": f"{key}.{suffix}"}
+        meta = {"json": lambda: read_member(name, *members["json"])} if "json" in members else {}
+        return read_member(name, *members[suffix]), f"{name}:{key}.{suffix}", side_info(meta, key, suffix)
 
     def load(self, index: int) -> Image.Image:
         from ssl_kit.data.decode import decode_rgb
