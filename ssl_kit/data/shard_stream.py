@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ssl_kit.data.decode import EncodedImage, decode_rgb
 from ssl_kit.data.sampler import sample_seed
 from ssl_kit.data.shards import ShardSamples, image_suffix, label_of, side_info, stream_samples
 
@@ -136,15 +137,22 @@ class ShardStream(IterableDataset):
         for rank in range(self.world_size):
             for s in self.streams(epoch, batches_done, rank):
                 emitted = s["done"] * self.batch_size
-                refs = self._refs(s["shards"])
-                start = emitted // self.shuffle_buffer * self.shuffle_buffer
-                shard, offset = refs[start] if start < len(refs) else (None, None)
+                shard, offset = self._ref_at(s["shards"], emitted // self.shuffle_buffer * self.shuffle_buffer)
                 points.append([rank, s["stream"], emitted, self.data.shards[shard] if shard is not None else None, offset])
         return {"world_size": self.world_size, "workers": self.workers, "batch_size": self.batch_size,
                 "num_shards": len(self.data.shards), "shuffle_buffer": self.shuffle_buffer, "streams": points}
 
     def _refs(self, shards: Sequence[int]) -> list[tuple[int, int]]:
+        """A stream's training samples in reading order, as (shard, position in the shard)."""
         return [(j, p) for j in shards for p in self.positions[j]]
+
+    def _ref_at(self, shards: Sequence[int], k: int) -> tuple[int | None, int | None]:
+        """``_refs(shards)[k]`` without building the list; (None, None) past the end."""
+        for j in shards:
+            if k < len(self.positions[j]):
+                return j, self.positions[j][k]
+            k -= len(self.positions[j])
+        return None, None
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
@@ -194,8 +202,6 @@ class ShardStream(IterableDataset):
         except ValueError as err:
             raise OSError(f"shard {name!r}: sample {key!r} has an unreadable label ({err}).") from None
         info = side_info(sample, key, suffix)
-        from ssl_kit.data.decode import EncodedImage, decode_rgb
-
         if self.encoded:
             return EncodedImage.open(sample[suffix], f"{name}:{key}.{suffix}", info), label
         img = decode_rgb(sample[suffix], f"{name}:{key}.{suffix}")
