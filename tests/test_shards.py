@@ -181,6 +181,9 @@ def test_order_is_a_function_of_seed_and_epoch(shards):
     d, _ = stream_batches(data, workers=2, seed=4)
     assert a == b and a != c and a != d
     assert sorted(sum(a, [])) == sorted(sum(c, [])) == list(range(24))
+    _, stream = stream_batches(data, workers=2)
+    dealt = {tuple(tuple(s["shards"]) for s in stream.streams(epoch)) for epoch in range(6)}
+    assert len(dealt) > 1  # the shards are dealt to the workers anew each epoch
 
 
 @pytest.mark.parametrize("workers", [0, 2])
