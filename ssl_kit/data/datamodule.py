@@ -105,7 +105,9 @@ class SSLDataModule(pl.LightningDataModule):
 
     def check(self) -> None:
         """Scan the data now (before any long work) so a bad root fails at start."""
-        self._build_splits()
+        splits = self._build_splits()
+        if self.dataset == "shards" and len(splits["val"]):
+            _base(splits["val"]).check_random_access("the validation split (data.val_fraction / data.val_root)")
 
     def _source(self, root: str | None, classes: list[str] | None = None) -> LabeledImages:
         if self.dataset == "digits":

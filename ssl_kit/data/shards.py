@@ -315,6 +315,18 @@ class ShardSamples(LabeledImages):
     def __len__(self) -> int:
         return self.starts[-1]
 
+    def check_random_access(self, purpose: str) -> None:
+        """Raise unless single samples can be read (``pipe:`` shards can only be streamed).
+
+        Raises:
+            ValueError: naming the first ``pipe:`` shard and ``purpose``.
+        """
+        piped = [n for n in self.shards if n.startswith("pipe:")]
+        if piped:
+            raise ValueError(f"{purpose} reads single samples, which {piped[0]!r} cannot serve (pipe: shards are "
+                             f"streamed): use data.val_fraction=0, or a data.val_root of local or fsspec shards "
+                             f"or a folder.")
+
     def locate(self, index: int) -> tuple[int, int]:
         """(shard number, position in the shard) of sample ``index``."""
         shard = bisect.bisect_right(self.starts, index) - 1
