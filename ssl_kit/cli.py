@@ -22,6 +22,7 @@ EXTRA_COMMANDS = {
     "knn": "ssl_kit.evaluators.knn_job:knn",
     "bench": "ssl_kit.bench:bench",
     "aggregate": "ssl_kit.evaluators.results:aggregate",
+    "demo": "ssl_kit.demo:demo",
 }
 
 CHECKPOINT_SUFFIXES = (".ckpt",)
