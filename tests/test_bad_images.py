@@ -52,6 +52,24 @@ def test_modes_convert_to_correct_rgb(tmp_path):
     assert px("e_rgba") == (255, 255, 255) and px("e_rgba", (0, 0)) == (0, 255, 0)  # alpha over white
 
 
+@pytest.mark.parametrize("orientation, rotate", [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_270),
+                                                 (8, Image.Transpose.ROTATE_90)], ids=["180", "90cw", "90ccw"])
+def test_exif_orientation_is_applied(tmp_path, orientation, rotate):
+    """A real camera-style JPEG: pixels stored sideways plus an EXIF Orientation tag; what the
+    data pipeline sees is the upright image."""
+    from ssl_kit.data import ImageFolder
+
+    stored = Image.new("RGB", (40, 20), (220, 30, 30))  # stored 40 wide x 20 high: red left half,
+    stored.paste((30, 30, 220), (20, 0, 40, 20))  # blue right half
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    upright = np.asarray(stored.transpose(rotate)).astype(int)
+    for img in (open_rgb(tmp_path / "photo.jpg"), ImageFolder(str(tmp_path)).load(0)):
+        assert img.size == (upright.shape[1], upright.shape[0])
+        assert np.abs(np.asarray(img).astype(int) - upright).mean() < 8  # JPEG noise only
+
+
 @pytest.mark.parametrize("kind", ["g_truncated", "h_empty", "i_text"])
 def test_unreadable_file_error_names_it(tmp_path, kind):
     f = write_images(tmp_path)
@@ -81,6 +99,17 @@ def test_bad_images_policy(tmp_path):
     # wrapping around: deterministic, so every rank and worker makes the same replacement.
     assert all(images[i].shape == (8, 8, 3) for i in (6, 7, 8)) and images[5].shape == full.shape
     assert torch.equal(images[6], images[0]) and torch.equal(images[8], images[0])
+
+
+def test_skipped_images_are_counted_across_loader_workers(tmp_path):
+    """Reads happen in 2 worker processes; the count the main process reports includes them."""
+    write_images(tmp_path / "imgs")
+    dm = SSLDataModule(root=str(tmp_path / "imgs"), val_fraction=0.0, batch_size=1, num_workers=2, bad_images="skip")
+    dm.set_transforms(train=None, eval=lambda img: torch.from_numpy(np.asarray(img).copy()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len(list(dm.eval_dataloader("train"))) == 9
+    assert dm.skipped_images == 3 + 2 + 1  # as with no workers: each failed read counts
 
 
 def test_bad_images_value_is_checked():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -63,6 +64,9 @@ def test_bench_cpu_figures_and_flops_match_analytic(tmp_path, capsys, one_thread
     assert result["device"] == "cpu" and result["precision"] == "32-true" and result["batch_size"] == 4
     assert result["peak_source"].startswith("measured float32 matmul")
     assert result["img_per_s"] == pytest.approx(4 / result["step_time_s"])
+    assert result["achieved_tflops"] == pytest.approx(result["flops_per_img"] * 4 / result["step_time_s"] / 1e12)
+    assert result["mfu"] == pytest.approx(result["achieved_tflops"] / result["peak_tflops"])
+    assert result["mfu"] <= 1.0  # a tiny ViT on CPU is far from the measured matmul peak
 
     from ssl_kit.methods import MAE
 
@@ -70,6 +74,48 @@ def test_bench_cpu_figures_and_flops_match_analytic(tmp_path, capsys, one_thread
                 decoder_num_heads=2)
     expected = mae_train_step_flops(model)
     assert result["flops_per_img"] == pytest.approx(expected, rel=0.05)
+
+
+class VirtualClock:
+    """``perf_counter`` for ``ssl_kit.bench``: a training step takes 10 s, each reading 1 ms."""
+
+    def __init__(self) -> None:
+        self.steps = self.reads = 0
+
+    def perf_counter(self) -> float:
+        self.reads += 1
+        return 10.0 * self.steps + 1e-3 * self.reads
+
+
+def test_bench_figures_follow_the_clock(tmp_path, monkeypatch, one_thread):
+    """With a clock where every training step takes 10 s, the timed steps (3 steps, 1 warm-up)
+    take 10 s each: img/s = batch / 10, achieved = FLOPs x batch / 10 s, MFU = achieved / peak,
+    and the peak is the matmul's 2 n^3 FLOPs over its (1 ms) best time."""
+    from types import SimpleNamespace
+
+    import ssl_kit.bench
+    from ssl_kit.methods import MAE
+
+    clock = VirtualClock()
+    monkeypatch.setattr(ssl_kit.bench, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    step = MAE.training_step
+
+    def timed_step(self, *args):
+        clock.steps += 1
+        return step(self, *args)
+
+    monkeypatch.setattr(MAE, "training_step", timed_step)
+    monkeypatch.setattr(ssl_kit.bench, "measured_matmul_tflops", functools.partial(
+        ssl_kit.bench.measured_matmul_tflops, n=256, repeats=2))  # the clock, not the matmul, sets the time
+    out = tmp_path / "bench.json"
+    main(["bench", "--config", str(REPO / "configs/demo/mae.yaml"), *TINY_OVERRIDES, "--output", str(out)])
+    result = json.loads(out.read_text())
+    assert result["timed_steps"] == 2
+    assert result["step_time_s"] == pytest.approx(10.0, rel=1e-3)  # not 20 / 3 or 30 / 2
+    assert result["img_per_s"] == pytest.approx(4 / result["step_time_s"])
+    assert result["peak_tflops"] == pytest.approx(2 * 256**3 * 2 / 1e-3 / 1e12)  # 2 matmuls in 1 ms
+    assert result["achieved_tflops"] == pytest.approx(result["flops_per_img"] * 4 / result["step_time_s"] / 1e12)
+    assert result["mfu"] == pytest.approx(result["achieved_tflops"] / result["peak_tflops"]) and result["mfu"] <= 1
 
 
 def test_bench_rejects_steps_not_above_warmup(tmp_path, capsys):

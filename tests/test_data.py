@@ -84,3 +84,43 @@ def test_seeded_transform_draws_as_torch_manual_seed_and_restores_the_caller_rng
     torch.manual_seed(7), random.seed(7)
     assert torch.equal(views[0], t(img)) and torch.equal(views[0], views[2])
     assert not torch.equal(views[0], views[1])
+
+
+# --- the training sampler across ranks ---------------------------------------------------------
+def _batches(sampler, batch_size: int) -> list[list[int]]:
+    indices = [i for i, _ in sampler]
+    return [indices[k : k + batch_size] for k in range(0, len(indices) - batch_size + 1, batch_size)]
+
+
+def test_resumable_sampler_two_ranks_split_the_one_process_batches():
+    """2 ranks x batch 2 train, step by step, exactly the batches of 1 process x batch 4: disjoint,
+    together the epoch's permutation in order; per-sample seeds do not depend on the rank."""
+    from ssl_kit.data import ResumableSampler
+    from ssl_kit.data.sampler import sample_seed
+
+    n, b, seed, epoch = 23, 2, 5, 3
+    ranks = [ResumableSampler(range(n), b, num_replicas=2, rank=r, seed=seed, position=lambda: (epoch, 0))
+             for r in range(2)]
+    one = ResumableSampler(range(n), 2 * b, seed=seed, position=lambda: (epoch, 0))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    rank_batches = [_batches(s, b) for s in ranks]
+    assert len(rank_batches[0]) == len(rank_batches[1]) == len(ranks[0]) // b == 5  # 22 usable = 2 x 11
+    steps = list(zip(*rank_batches))
+    assert [r0 + r1 for r0, r1 in steps] == _batches(one, 2 * b)[: len(steps)]
+    assert [i for r0, r1 in steps for i in r0 + r1] == perm[: 2 * b * len(steps)]  # the permutation prefix
+    seen = [[i for i, _ in s] for s in ranks]
+    assert len(seen[0]) == len(seen[1]) == 11 and not set(seen[0]) & set(seen[1])  # disjoint
+    assert all(s == sample_seed(seed, epoch, i) for sampler in ranks for i, s in sampler)
+
+
+def test_resumable_sampler_resumes_mid_epoch_on_every_rank():
+    """Restarted after 3 trained steps, each rank continues with its own 4th batch."""
+    from ssl_kit.data import ResumableSampler
+
+    full = [list(ResumableSampler(range(30), 2, num_replicas=2, rank=r, seed=1, position=lambda: (2, 0)))
+            for r in range(2)]
+    resumed = [list(ResumableSampler(range(30), 2, num_replicas=2, rank=r, seed=1, position=lambda: (2, 3)))
+               for r in range(2)]
+    for r in range(2):
+        assert resumed[r] == full[r][3 * 2:], r
+    assert resumed[0][:2] != resumed[1][:2]

@@ -185,6 +185,17 @@ def test_teacher_is_frozen_and_out_of_checkpoints(clip_files, tmp_path):
     ckpt = load_checkpoint(tmp_path / "last.ckpt")  # weights_only=True must succeed
     assert not [k for k in ckpt["state_dict"] if k.startswith("teacher.")]
     assert ckpt["ssl_kit"]["teacher"]["checkpoint"] == str(clip_files[1])
+    # export writes the student encoder only: its keys and values, its architecture, no teacher.
+    from safetensors import safe_open
+
+    from ssl_kit.export import export
+
+    out = export(str(tmp_path / "last.ckpt"), str(tmp_path / "student.safetensors"))
+    with safe_open(str(out), "pt") as f:
+        exported, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    student = model.encoder.state_dict()
+    assert set(exported) == set(student) and all(torch.equal(exported[k], v) for k, v in student.items())
+    assert (meta["timm_model"], json.loads(meta["timm_kwargs"])) == (model.encoder_spec[0], model.encoder_spec[1])
     restored = EVA.load_from_checkpoint(tmp_path / "last.ckpt")  # strict: the teacher comes back from its file
     assert torch.equal(restored.encoder.blocks[0].mlp.fc1.weight, model.encoder.blocks[0].mlp.fc1.weight)
     assert torch.equal(restored.teacher.model.ln_post.weight, teacher_before["model.ln_post.weight"])

@@ -184,15 +184,33 @@ def test_linear_probe_cli_with_a_timm_name(tmp_path):
     assert ckpt["state_dict"] and not any(k.startswith("encoder.") for k in ckpt["state_dict"])  # heads only
 
 
-def test_eval_report_adds_linear_probe_for_both_encoders(tiny_mae, tmp_path):
+def test_eval_report_adds_linear_probe_for_both_encoders(tiny_mae, tmp_path, monkeypatch):
+    """Both rows are measured, on the trained encoder and on a seeded random init of the same
+    architecture (never the trained weights again)."""
     from ssl_kit.callbacks import EvalReport
 
+    seen = []
+    evaluate = EvalReport.evaluate
+    monkeypatch.setattr(EvalReport, "evaluate", lambda self, module, dm: seen.append(
+        {k: v.detach().clone() for k, v in module.encoder.state_dict().items()}) or evaluate(self, module, dm))
+    initial = {k: v.detach().clone() for k, v in tiny_mae.encoder.state_dict().items()}
     dm = SSLDataModule("synthetic", synthetic_size=20, batch_size=8, eval_batch_size=20, num_workers=0)
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=str(tmp_path), accelerator="cpu", devices=1,
-                         callbacks=[EvalReport(k=3, linear_epochs=3, linear_batch_size=8)])
+                         callbacks=[EvalReport(k=3, linear_epochs=3, linear_batch_size=8, seed=5)])
     trainer.fit(tiny_mae, datamodule=dm)
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["protocol"]["linear"]["epochs"] == 3
     for encoder in ("pretrained", "random_init"):
         assert set(report[encoder]) == {"knn", "linear"} and 0 <= report[encoder]["linear"]["top1"] <= 100
+
+    pretrained, baseline = seen
+    trained = tiny_mae.encoder.state_dict()
+    assert all(torch.equal(pretrained[k], v) for k, v in trained.items())
+    assert not torch.equal(trained["blocks.0.attn.qkv.weight"], initial["blocks.0.attn.qkv.weight"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        fresh = tiny_mae.build_encoder().state_dict()
+    assert all(torch.equal(baseline[k], v) for k, v in fresh.items())  # the seeded random init
+    learned = [k for k, v in tiny_mae.encoder.named_parameters() if v.requires_grad]
+    assert all(not torch.equal(baseline[k], trained[k]) for k in learned), "the baseline reused trained weights"

@@ -2,12 +2,10 @@ import pytest
 import torch
 
 from ssl_kit.backbones.vit import forward_visible, sincos_pos_embed_2d
-from ssl_kit.data import Digits
 from ssl_kit.losses import masked_mse, patchify, pixel_targets, unpatchify
 from ssl_kit.masking import random_masking
 from ssl_kit.methods import MAE
 from ssl_kit.methods.base import weight_decay_groups
-from ssl_kit.views import EvalTransform
 
 from conftest import TINY_MAE
 
@@ -60,10 +58,40 @@ def test_encoder_sees_only_visible_patches(tiny_mae):
     assert not torch.allclose(a, c)  # and it does see the visible ones
 
 
+def _decoder_block_input(decoder, latent, ids_restore):
+    """What the decoder's Transformer blocks receive, captured with a forward pre-hook."""
+    seen = []
+    handle = decoder.blocks.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    try:
+        decoder(latent, ids_restore)
+    finally:
+        handle.remove()
+    return seen[0]  # (B, n_prefix + L, D_dec)
+
+
 def test_forward_shapes_and_decoder_unshuffle(tiny_mae):
+    """Each encoder token lands at its own patch position: the blocks' input at kept patch
+    ``ids_keep[b, k]`` is ``embed(latent[b, 1 + k])`` plus that position's embedding, every
+    removed position holds the mask token plus its embedding."""
     loss, pred, mask = tiny_mae(torch.randn(3, 3, 32, 32))
     assert pred.shape == (3, 64, 48) and mask.shape == (3, 64)
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+    dec = tiny_mae.decoder.eval()
+    ids_keep, mask, ids_restore = random_masking(64, 0.75, 3, generator=torch.Generator().manual_seed(0))
+    latent = torch.randn(3, 1 + 16, tiny_mae.encoder.embed_dim)  # distinct tokens: a swap would show
+    x = _decoder_block_input(dec, latent, ids_restore)
+    assert x.shape == (3, 1 + 64, 64)
+    with torch.no_grad():
+        embedded = dec.embed(latent)  # (B, 1 + K, D_dec)
+    pos, token = dec.pos_embed[0], dec.mask_token[0, 0]
+    for b in range(3):
+        torch.testing.assert_close(x[b, 0], embedded[b, 0] + pos[0])  # the cls token stays first
+        for k, patch in enumerate(ids_keep[b].tolist()):
+            torch.testing.assert_close(x[b, 1 + patch], embedded[b, 1 + k] + pos[1 + patch])
+        for patch in mask[b].nonzero().flatten().tolist():
+            torch.testing.assert_close(x[b, 1 + patch], token + pos[1 + patch])
+    assert not torch.equal(ids_keep[0], ids_keep[0].sort().values)  # kept order is shuffled: the check can fail
 
 
 def test_sincos_pos_embed_is_fixed_and_distinct(tiny_mae):
@@ -90,24 +118,38 @@ def test_weight_decay_groups_skip_bias_norm_tokens(tiny_mae):
     assert no_decay["weight_decay"] == 0.0
 
 
-def test_learns_a_fixed_batch():
-    """Overfitting check: one fixed batch of digits and a fixed mask; the loss must halve in 40 steps."""
+def _train_on_flat_colours(zero_encoder: bool, steps: int = 40) -> float:
+    """Mean loss over the last 5 of ``steps`` AdamW steps on 8 images of one random colour each,
+    with a NEW random mask every step; ``zero_encoder`` feeds the decoder zeros instead of the
+    encoder output (the same model, init and masks otherwise)."""
     torch.manual_seed(0)
     mae = MAE(**TINY_MAE)
-    digits = Digits(32, transform=EvalTransform(32, crop_ratio=1.0))
-    imgs = torch.stack([digits[i][0] for i in range(8)])
-    target = pixel_targets(imgs, 4, norm_pix=True)
+    colours = torch.rand(8, 3, 1, 1, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    imgs = colours.expand(8, 3, 32, 32).contiguous()
+    target = pixel_targets(imgs, 4, norm_pix=False)  # norm-pix would make every flat patch zero
     opt = torch.optim.AdamW(mae.parameters(), lr=1e-3)
+    masks = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(40):
-        ids_keep, mask, ids_restore = random_masking(64, 0.75, 8, generator=torch.Generator().manual_seed(0))
-        pred = mae.decoder(forward_visible(mae.encoder, imgs, ids_keep), ids_restore)
-        loss = masked_mse(pred, target, mask)
+    for _ in range(steps):
+        ids_keep, mask, ids_restore = random_masking(64, 0.75, 8, generator=masks)
+        latent = forward_visible(mae.encoder, imgs, ids_keep)
+        if zero_encoder:
+            latent = torch.zeros_like(latent)
+        loss = masked_mse(mae.decoder(latent, ids_restore), target, mask)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    return sum(losses[-5:]) / 5
+
+
+def test_learns_from_the_visible_patches():
+    """Reconstruction must use what the encoder saw. Each image is one colour, so its removed
+    patches are predictable only from its visible ones; the masks change every step, so a decoder
+    fed zeros cannot recognise an image by its mask pattern and can only learn the mean colour
+    (measured: 0.04 with the encoder vs 0.68 zeroed after 40 steps)."""
+    with_encoder, zeroed = _train_on_flat_colours(False), _train_on_flat_colours(True)
+    assert with_encoder < 0.25 * zeroed, (with_encoder, zeroed)
 
 
 @pytest.mark.parametrize(

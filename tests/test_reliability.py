@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import pickle
@@ -45,6 +46,24 @@ def test_last_without_checkpoint_is_an_error_unless_if_exists(tmp_path, monkeypa
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued job resumes without being told
     assert resume_checkpoint(tmp_path, None) == str(tmp_path / "hpc_ckpt_1.ckpt")
+
+
+@pytest.mark.parametrize("files, newest", [
+    ({"last.ckpt": 1}, "last.ckpt"),
+    ({"hpc_ckpt_1.ckpt": 1}, "hpc_ckpt_1.ckpt"),
+    ({"last.ckpt": 2, "hpc_ckpt_1.ckpt": 1}, "last.ckpt"),
+    ({"last.ckpt": 1, "hpc_ckpt_1.ckpt": 2}, "hpc_ckpt_1.ckpt"),
+    ({"last.ckpt": 2, "hpc_ckpt_1.ckpt": 1, "hpc_ckpt_2.ckpt": 3}, "hpc_ckpt_2.ckpt"),
+    ({"last.ckpt": 3, "hpc_ckpt_1.ckpt": 1, "hpc_ckpt_2.ckpt": 2, "epoch=0009.ckpt": 4}, "last.ckpt"),
+    ({"epoch=0009.ckpt": 1}, None),
+    ({}, None),
+], ids=["only-last", "only-hpc", "last-newer", "hpc-newer", "newest-of-two-hpc", "numbered-ignored", "only-numbered", "none"])
+def test_resume_picks_the_newest_of_last_and_hpc_checkpoints(tmp_path, files, newest):
+    for name, age_rank in files.items():  # modification times 1000 s apart, in the given order
+        torch.save({"global_step": age_rank}, tmp_path / name)
+        os.utime(tmp_path / name, (1_700_000_000 + 1000 * age_rank,) * 2)
+    found = resume_checkpoint(tmp_path, "last_if_exists")
+    assert (Path(found).name if found is not None else None) == newest
 
 
 # --- 3. preemption ---------------------------------------------------------------------------
@@ -182,6 +201,57 @@ def test_nan_step_is_skipped_and_weights_untouched(tmp_path):
     assert guard.skipped == 1 and guard.consecutive == 0
 
 
+class InfGradMAE(MAE):
+    """MAE with a finite loss whose gradient gets an Inf entry at the given global steps."""
+
+    def __init__(self, inf_steps: tuple[int, ...] = (), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.inf_steps, self.losses = set(inf_steps), {}
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.losses[self.global_step] = loss.item()
+        return loss
+
+    def on_after_backward(self) -> None:
+        if self.global_step in self.inf_steps:
+            self.decoder.pred.weight.grad[0, 0] = float("inf")
+
+
+class OptimizerWatch(pl.Callback):
+    """Records, per global step, whether the step changed the optimizer state (Adam moments, step counts)."""
+
+    def __init__(self) -> None:
+        self.changed: dict[int, bool] = {}
+
+    @staticmethod
+    def _state(trainer) -> list[torch.Tensor]:
+        state = trainer.optimizers[0].state
+        return [v.clone() for p in state for v in state[p].values() if isinstance(v, torch.Tensor)]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._before = self._state(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        after = self._state(trainer)
+        self.changed[trainer.global_step - 1] = len(after) != len(self._before) or any(
+            not torch.equal(a, b) for a, b in zip(self._before, after))
+
+
+def test_inf_gradient_step_is_skipped_leaving_weights_and_optimizer_state(tmp_path):
+    """A finite loss with an Inf gradient: the step is skipped, the weights AND AdamW's state
+    (exp_avg, exp_avg_sq, step) are exactly as before; the steps around it train normally."""
+    torch.manual_seed(0)
+    weights, state, guard = WeightWatch(), OptimizerWatch(), NaNGuard(max_consecutive=2)
+    model = InfGradMAE(inf_steps=(1,), **TINY_MAE)
+    with pytest.warns(UserWarning, match="global step 1: step skipped"):
+        trainer(tmp_path, [guard, weights, state], max_epochs=1).fit(model, SSLDataModule(**DATA))
+    assert all(math.isfinite(loss) for loss in model.losses.values()) and 1 in model.losses
+    assert weights.changed == {0: True, 1: False, 2: True}
+    assert state.changed == {0: True, 1: False, 2: True}
+    assert guard.skipped == 1
+
+
 def test_consecutive_nan_steps_stop_naming_step_and_checkpoint(tmp_path):
     torch.manual_seed(0)
     t = trainer(tmp_path, [RunCheckpoint(str(tmp_path)), NaNGuard(max_consecutive=2)])
@@ -252,6 +322,65 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     with pytest.raises(ValueError, match="refusing to load"):  # Lightning's own resume goes through it too
         t.fit(MAE(**TINY_MAE), SSLDataModule(**DATA), ckpt_path=str(path))
     assert not marker.exists()
+
+
+def _load_with(loader: str, path: Path, tmp_path: Path) -> None:
+    """Feed ``path`` to one of ssl_kit's loaders."""
+    if loader == "load_checkpoint":
+        load_checkpoint(path)
+    elif loader == "load_encoder":
+        from ssl_kit.evaluators.load import load_encoder
+
+        load_encoder(str(path))
+    elif loader == "export":
+        from ssl_kit.export import export
+
+        export(str(path), str(tmp_path / "out.safetensors"))
+    elif loader == "read_state_dict":
+        from ssl_kit.backbones.teacher import read_state_dict
+
+        read_state_dict(path)
+    elif loader.startswith("teacher"):
+        import json
+
+        from test_eva import TINY_CLIP
+
+        from ssl_kit.backbones.teacher import FrozenTeacher, TeacherConfig
+
+        if loader == "teacher-open_clip":
+            (tmp_path / "tiny-clip.json").write_text(json.dumps(TINY_CLIP))
+            FrozenTeacher(TeacherConfig("open_clip", str(tmp_path / "tiny-clip.json"), checkpoint=str(path)))
+        else:
+            FrozenTeacher(TeacherConfig("encoder", checkpoint=str(path)))
+    elif loader == "SafeCheckpointIO":
+        SafeCheckpointIO().load_checkpoint(path)
+    else:
+        raise AssertionError(loader)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+@pytest.mark.parametrize("loader, suffix", [
+    ("load_checkpoint", ".ckpt"), ("load_encoder", ".ckpt"), ("load_encoder", ".pth"), ("export", ".ckpt"),
+    ("read_state_dict", ".bin"), ("teacher-open_clip", ".bin"), ("teacher-encoder", ".ckpt"),
+    ("SafeCheckpointIO", ".ckpt"),
+])
+def test_every_loader_refuses_a_pickle_that_runs_code(tmp_path, loader, suffix, writer):
+    """A checkpoint-shaped file whose unpickling would run a command (touch a marker file) is
+    refused by every loader, and the command never runs."""
+    marker, path = tmp_path / "pwned", tmp_path / f"evil{suffix}"
+    payload = {"state_dict": {"encoder.w": torch.zeros(1)}, "model": {}, "payload": Payload(str(marker))}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+    with pytest.raises((ValueError, pickle.UnpicklingError)) as error:
+        _load_with(loader, path, tmp_path)
+    assert not marker.exists(), f"{loader} ran the pickled command"
+    assert path.name in str(error.value) or "weights_only" in str(error.value)
+    with open(path, "rb") as f:  # the payload is real: unpickled unsafely, it runs
+        torch.load(f, weights_only=False) if writer == "torch.save" else pickle.load(f)
+    assert marker.exists()
 
 
 def test_every_torch_load_in_the_package_is_weights_only():

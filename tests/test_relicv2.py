@@ -4,6 +4,7 @@ masking, DDP equivalence, configs and a CLI fit."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,27 @@ def test_target_never_moves_through_the_optimizer():
     assert not torch.equal(model.encoder.patch_embed.proj.weight, online0)  # the online network did train
 
 
+def test_export_writes_the_online_encoder_not_the_ema_target(tmp_path):
+    """README: ReLICv2 exports (and evaluators load) the online encoder; the EMA target stays in
+    the checkpoint for resuming only."""
+    from safetensors.torch import load_file
+
+    from ssl_kit.export import export
+
+    torch.manual_seed(0)
+    model = ReLICv2(**TINY)
+    trainer = _fit(model, steps=1)
+    with torch.no_grad():  # make the target unmistakable (after one step it is ~0.4% from online)
+        for p in model.target.parameters():
+            p.add_(1.0)
+    trainer.save_checkpoint(tmp_path / "relic.ckpt")
+    exported = load_file(str(export(str(tmp_path / "relic.ckpt"), str(tmp_path / "enc.safetensors"))))
+    online, target = model.encoder.state_dict(), model.target.module[0].state_dict()
+    assert set(exported) == set(online)
+    assert all(torch.equal(exported[k], v) for k, v in online.items())
+    assert not torch.equal(exported["conv1.weight"], target["conv1.weight"])
+
+
 # --- views and routing --------------------------------------------------------------------------------
 def test_views_shapes_and_small_crops_never_reach_target():
     torch.manual_seed(0)
@@ -182,22 +204,102 @@ def test_gpu_path_workers_crop_and_module_augments():
     assert all(v.max() > 1.5 for v in out)  # normalised: white maps to (1 - mean) / std > 2
 
 
-def test_kornia_and_torchvision_paths_share_distributions():
+def test_gpu_path_draws_parameters_per_sample():
+    """16 copies of one crop come out as 16 different views (jitter, grayscale and blur are drawn
+    per sample), and the photometric ops did run: not just normalisation."""
     torch.manual_seed(0)
-    img = torch.rand(3, 32, 32)
-    view = BYOL_VIEWS[1]  # blur 0.1, solarize 0.2: every op random
-    n = 200
-    cpu = torch.stack([view.torchvision(32)(img) for _ in range(n)])
-    gpu = view.kornia(32)(img.expand(n, 3, 32, 32).contiguous())
-    assert gpu.shape == cpu.shape == (n, 3, 32, 32)
+    model = ReLICv2(**TINY, gpu_augment=True)
+    model.train_transform()  # builds the data-worker transform and the module's kornia pipelines
+    crop = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for view in model.augment_views([crop.expand(16, 3, 32, 32).contiguous()] * 2):
+        flat = view.flatten(1)  # (16, 3 * 32 * 32)
+        assert torch.cdist(flat, flat).add(torch.eye(16)).min() > 1e-3  # pairwise different
+        changed = (view - (crop - mean) / std).flatten(1).abs().amax(1) > 1e-3
+        assert changed.float().mean() >= 0.75  # jitter alone runs with p = 0.8
+
+
+def _raw_views(ph, img: torch.Tensor, n: int, path: str) -> torch.Tensor:
+    """n augmentations of ``img`` by ``ph`` on the CPU (torchvision) or GPU (kornia) path, un-normalised."""
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    for out in (cpu, gpu):
-        raw = out * std + mean
-        gray = ((raw[:, 0] - raw[:, 1]).abs().amax((1, 2)) < 1e-4).float().mean().item()
-        assert gray == pytest.approx(0.2, abs=0.1)  # RandomGrayscale(0.2); 3.5 sigma at n=200
-    cpu_means, gpu_means = cpu.mean((1, 2, 3)), gpu.mean((1, 2, 3))
-    assert abs(cpu_means.mean() - gpu_means.mean()) < 0.15
-    assert cpu_means.std() == pytest.approx(gpu_means.std().item(), rel=0.35)
+    torch.manual_seed(1)
+    if path == "torchvision":
+        pipeline = ph.torchvision(img.shape[-1])
+        out = torch.stack([pipeline(img) for _ in range(n)])
+    else:
+        out = ph.kornia(img.shape[-1])(img.expand(n, *img.shape).contiguous())
+    return out * std + mean  # (n, 3, H, W)
+
+
+ONLY = dict(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+
+
+@pytest.fixture
+def one_thread():
+    # Hundreds of tiny per-image ops: 2 OpenMP threads on a shared 2-core CPU spin far longer than they work.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("path", ["torchvision", "kornia"])
+def test_each_photometric_op_runs_at_its_probability(path, one_thread):
+    """Each op of BYOL's two view settings, alone, changes the image at its configured rate
+    (binomial: within 4.5 sigma at n = 400). Blur is tested with sigma >= 1, where it is visible
+    on noise (below ~0.2 a 3-tap Gaussian is the identity in float32)."""
+    img, n = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0)), 400
+    for view in BYOL_VIEWS:
+        for op in ("jitter", "grayscale", "blur", "solarize"):
+            p = getattr(view, f"{op}_p")
+            ph = replace(view, **{**ONLY, f"{op}_p": p}, blur_sigma=(1.0, 2.0))
+            raw = _raw_views(ph, img, n, path)
+            if op == "grayscale":
+                hit = (raw - raw.mean(1, keepdim=True)).abs().amax((1, 2, 3)) < 1e-4  # equal channels
+            else:
+                hit = (raw - img).abs().amax((1, 2, 3)) > 1e-3
+            rate = hit.float().mean().item()
+            assert abs(rate - p) <= 4.5 * math.sqrt(p * (1 - p) / n), (path, view, op, rate)
+
+
+def _ks(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic."""
+    grid = torch.cat([a, b]).sort().values
+    cdf = lambda x: torch.searchsorted(x.sort().values, grid, right=True) / len(x)  # noqa: E731
+    return (cdf(a) - cdf(b)).abs().max().item()
+
+
+def test_kornia_and_torchvision_paths_draw_the_same_strengths(one_thread):
+    """Each colour-jitter component alone (brightness -> mean, contrast -> spread, saturation ->
+    chroma, hue -> hue shift) and blur (mean change; sigma in the configured range) have the same
+    per-sample strength distribution on both paths: two-sample KS below its 0.1% critical value
+    (0.159 at n = 300 each)."""
+    from kornia.color import rgb_to_hsv
+
+    # A noisy orange image: every pixel has a well-defined hue.
+    noise = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    img = noise * 0.5 + torch.tensor([0.5, 0.2, 0.0]).view(3, 1, 1)
+    n = 300
+
+    def hue_shift(r: torch.Tensor) -> torch.Tensor:  # circular mean of the per-pixel hue change
+        delta = rgb_to_hsv(r.clamp(0, 1))[:, 0] - rgb_to_hsv(img)[0]  # (n, H, W), radians
+        return torch.atan2(delta.sin().mean((1, 2)), delta.cos().mean((1, 2)))
+
+    view = BYOL_VIEWS[0]
+    alone = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+    stats = {  # component: (its strength from BYOL_VIEWS[0], the statistic it moves)
+        "brightness": (view.brightness, lambda r: r.mean((1, 2, 3))),
+        "contrast": (view.contrast, lambda r: r.std((1, 2, 3))),
+        "saturation": (view.saturation, lambda r: (r.amax(1) - r.amin(1)).mean((1, 2))),
+        "hue": (view.hue, hue_shift),
+    }
+    cases = {name: (replace(view, **{**ONLY, "jitter_p": 1.0, **alone, name: strength}), stat)
+             for name, (strength, stat) in stats.items()}
+    cases["blur"] = (replace(view, **{**ONLY, "blur_p": 1.0}), lambda r: (r - img).abs().mean((1, 2, 3)))
+    for name, (ph, stat) in cases.items():
+        cpu, gpu = (stat(_raw_views(ph, img, n, path)) for path in ("torchvision", "kornia"))
+        assert cpu.std() > 1e-3, name  # the component does vary the images
+        assert _ks(cpu, gpu) < 1.95 * math.sqrt(2 / n), name
 
 
 # --- saliency masks ---------------------------------------------------------------------------------
@@ -225,6 +327,35 @@ def test_saliency_masking_probability(tmp_path, p_m):
     assert removed[:, :2].mean().item() == pytest.approx(p_m, abs=0.08)  # 4 sigma at p=0.3
     assert removed[:, 2].sum() == 0  # small crops are never background-removed
     assert all(v.min() > 0.99 for vs in (t(data.load(1)) for _ in range(5)) for v in vs)  # no mask: untouched
+
+
+def test_saliency_keeps_the_foreground_and_blacks_out_the_background(tmp_path):
+    """A mask whose top half is white: removing the background keeps the top half of the image
+    exactly and makes the bottom half black, directly and in a background-removed large crop."""
+    import numpy as np
+
+    from ssl_kit.data import ImageFolder
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    pixels = np.random.default_rng(0).integers(30, 256, size=(40, 40, 3), dtype=np.uint8)  # no black pixel
+    Image.fromarray(pixels).save(tmp_path / "images" / "0.png")
+    mask = np.zeros((20, 20), dtype=np.uint8)  # another size than the image: resized to it
+    mask[:10] = 255
+    Image.fromarray(mask).save(tmp_path / "masks" / "0.png")
+    saliency, img = SaliencyMasks(tmp_path / "masks"), ImageFolder(str(tmp_path / "images")).load(0)
+    out = np.asarray(saliency.remove_background(img))
+    assert np.array_equal(out[:20], pixels[:20]) and not out[20:].any()
+
+    # Through the transform: large crops (whole image at scale 1, flipped left-right at most)
+    # come from the background-removed image; the small crop never does.
+    t = MultiCropTransform(2, 1, 16, 8, large_scale=(1.0, 1.0), small_scale=(1.0, 1.0), saliency=saliency,
+                           p_m=1.0, photometric=False)
+    for _ in range(5):
+        views = t(img)
+        for v in views[:2]:
+            assert v[:, :6].amin(0).min() > 0.05 and v[:, 10:].max() == 0.0  # foreground kept, background black
+        assert views[2][:, 5:].min() > 0.05  # the small crop keeps the background
 
 
 def test_saliency_folder_matching_no_image(tmp_path):

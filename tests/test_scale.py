@@ -46,14 +46,12 @@ class LossProbe(pl.Callback):
 
 
 def _write_run_inputs(tmp_path, n_images: int):
-    """Identical, left-right symmetric images (so crop-scale-1 + flip augmentation is the
-    identity and the data order cannot matter), the probe module and a tiny-MAE SGD config."""
+    """Distinct random images (so a sample paired with another sample's mask, or a rank training
+    on the wrong shard, changes the loss), the probe module and a tiny-MAE SGD config."""
     rng = np.random.default_rng(0)
-    half = rng.integers(0, 256, size=(32, 16, 3), dtype=np.uint8)
-    img = Image.fromarray(np.concatenate([half, half[:, ::-1]], axis=1))
     (tmp_path / "images").mkdir()
     for i in range(n_images):
-        img.save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
     (tmp_path / "loss_probe.py").write_text(PROBE)
     model_args = "\n".join(f"    {k}: {v}" for k, v in TINY_MAE.items())
     (tmp_path / "cfg.yaml").write_text(textwrap.dedent("""\
@@ -117,8 +115,8 @@ def test_ddp_two_processes_equal_one_process_with_same_global_batch(tmp_path, mo
     assert f"global batch {2 * b} -> lr 0.0156" in two.stdout
     assert one["precision"] == "32-true"
 
-    # Same images, so only the masks differ between ranks: different per rank, and together
-    # exactly the masks of the one-process batch.
+    # Distinct images: each rank trains its own shard with the masks its samples get in the
+    # one-process batch, so the mean of the ranks' losses is the one-process loss.
     assert ranks[0]["loss"] != pytest.approx(ranks[1]["loss"], rel=1e-4)
     assert one["loss"] == pytest.approx((ranks[0]["loss"] + ranks[1]["loss"]) / 2, rel=1e-5)
 
@@ -132,6 +130,26 @@ def test_ddp_two_processes_equal_one_process_with_same_global_batch(tmp_path, mo
         torch.testing.assert_close(update_two, update_one, rtol=1e-4, atol=1e-8, msg=name)
         moved += int(update_one.abs().max() > 0)
     assert moved > 10
+
+
+def test_lr_rule_uses_batch_devices_nodes_and_accumulation(tiny_mae, monkeypatch, capsys):
+    """README: global batch = data.batch_size x devices x num_nodes x accumulate_grad_batches,
+    lr = base lr x global batch / 256, printed and logged. A real (not launched) Trainer for
+    2 devices x 3 nodes x accumulation 4 with batch 5: global batch 120."""
+    import pytorch_lightning as pl
+
+    from ssl_kit.data import SSLDataModule
+
+    trainer = pl.Trainer(accelerator="cpu", devices=2, num_nodes=3, strategy="ddp", accumulate_grad_batches=4,
+                         max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer._data_connector.attach_datamodule(tiny_mae, datamodule=SSLDataModule("synthetic", batch_size=5))
+    monkeypatch.setattr(pl.Trainer, "estimated_stepping_batches", property(lambda self: 100))
+    tiny_mae.trainer = trainer
+    optimizer = tiny_mae.configure_optimizers()["optimizer"]
+    assert tiny_mae.hparams_extra["global_batch_size"] == 5 * 2 * 3 * 4
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1.5e-4 * 120 / 256] * 2)
+    assert tiny_mae.hparams_extra["peak_lr"] == pytest.approx(1.5e-4 * 120 / 256)
+    assert "global batch 120 -> lr 7.03e-05" in capsys.readouterr().out
 
 
 def _fake_trainer(world=1, rank=0, step=0, batch_idx=0, accumulate=1, precision="32-true"):
@@ -244,11 +262,26 @@ def test_fused_adamw_rebuild_keeps_groups_and_matches_unfused_step():
         torch.testing.assert_close(p, q)
 
 
-def test_compile_blocks_in_place_keeps_state_dict_keys(tiny_mae):
+def test_compile_blocks_in_place_keeps_state_dict_keys(tiny_mae, monkeypatch):
+    """Each repeated block is really compiled (its calls go through TorchDynamo), in place."""
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    # The eager backend: Dynamo traces each block but runs it without Inductor's C++ build (CPU time).
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "eager"}))
+    torch._dynamo.reset()
+    counters.clear()
     keys = list(tiny_mae.state_dict())
     names = compile_blocks(tiny_mae)
     assert names == [f"encoder.blocks.{i}" for i in range(12)] + ["decoder.blocks.0"]
     assert list(tiny_mae.state_dict()) == keys
+    modules = dict(tiny_mae.named_modules())
+    assert all(modules[n]._compiled_call_impl is not None for n in names)
+    assert not any(getattr(m, "_compiled_call_impl", None) is not None for n, m in modules.items() if n not in names)
+    with torch.no_grad():
+        tiny_mae.eval()(torch.randn(2, 3, 32, 32))
+    assert counters["stats"]["unique_graphs"] >= 2  # encoder and decoder blocks were traced
+    torch._dynamo.reset()
     convnet = torch.nn.Module()
     convnet.encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
     assert compile_blocks(convnet) == ["encoder"]

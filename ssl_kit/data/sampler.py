@@ -46,9 +46,14 @@ def fit_position(trainer) -> tuple[int, int]:
 class ResumableSampler(DistributedSampler):
     """Seeded, epoch-dependent shuffling that shards across ranks and can start mid-epoch.
 
-    Epoch ``e`` uses ``randperm(N, seed + e)``, truncated to a multiple of ``num_replicas`` and
-    strided by rank (``DistributedSampler`` semantics, so Lightning leaves it in place under DDP).
-    It yields ``(index, seed)`` pairs; the data module applies the transform under that seed.
+    Epoch ``e`` uses ``randperm(N, seed + e)``, truncated to a multiple of ``num_replicas``. Global
+    batch ``k`` is the ``k``-th run of ``num_replicas x batch_size`` indices and rank ``r`` trains
+    its ``r``-th block of ``batch_size``, so the ranks' batches concatenated in rank order are
+    exactly the batch one process with ``num_replicas x batch_size`` would train (methods that
+    draw per-sample randomness for the global batch keep rows ``r * B:(r + 1) * B``, and gathered
+    embeddings keep the one-process order). A ``DistributedSampler`` subclass, so Lightning
+    leaves it in place under DDP. It yields ``(index, seed)`` pairs; the data module applies the
+    transform under that seed.
 
     Args:
         dataset: the training split (only its length is used).
@@ -82,7 +87,13 @@ class ResumableSampler(DistributedSampler):
         """This rank's dataset indices for ``epoch``, in order."""
         g = torch.Generator().manual_seed(self.seed + epoch)
         order = torch.randperm(len(self.dataset), generator=g)[: self.total_size]
-        return order[self.rank :: self.num_replicas].tolist()
+        per_step = self.num_replicas * self.batch_size
+        full = self.total_size // per_step * per_step
+        blocks = order[:full].view(-1, self.num_replicas, self.batch_size)[:, self.rank]  # (steps, B)
+        # Fewer than a global batch left: dealt by rank like DistributedSampler (a short last batch
+        # or, with drop_last, none); every rank still gets total_size / num_replicas indices.
+        tail = order[full:][self.rank :: self.num_replicas]
+        return torch.cat([blocks.flatten(), tail]).tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, done_batches = self.position() if self.position is not None else (self.epoch, 0)

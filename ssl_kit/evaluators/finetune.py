@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup, create_transform
+from PIL import Image
+from timm.data import Mixup, auto_augment, create_transform
 from timm.layers import DropPath
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
@@ -43,6 +44,29 @@ def set_drop_path(model: nn.Module, rate: float) -> int:
         p = rate * blocks.index(name) / max(1, len(blocks) - 1)
         setattr(parent, attr, DropPath(p) if p > 0 else nn.Identity())
     return len(blocks)
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, where keeping 0 bits gives a black image (as in TF's RandAugment and
+    Pillow < 13; Pillow >= 13 raises for bits=0)."""
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def zero_bit_posterize_safe(transform: Callable) -> Callable:
+    """Make timm's (Rand/Auto)Augment posterize ops accept 0 bits, in place; returns ``transform``.
+
+    RandAugment's magnitude noise (``mstd0.5`` around 9) reaches the maximum magnitude 10, i.e.
+    "keep 0 bits", in ~2% of the Posterize applications: with Pillow >= 13 that raised inside a
+    data worker and stopped fine-tuning.
+    """
+    for t in getattr(transform, "transforms", ()):
+        ops = list(getattr(t, "ops", ())) + [op for sub in getattr(t, "policy", ()) for op in sub]
+        for op in ops:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize
+    return transform
 
 
 def with_lr_scale(build: OptimizerCallable) -> OptimizerCallable:
@@ -133,11 +157,11 @@ class FineTune(Evaluator):
 
     def train_transform(self) -> Callable:
         hp = self.hparams
-        return create_transform(
+        return zero_bit_posterize_safe(create_transform(
             self.img_size, is_training=True, scale=tuple(hp.crop_scale), auto_augment=hp.auto_augment,
             color_jitter=hp.color_jitter, re_prob=hp.re_prob, re_mode="pixel", interpolation="bicubic",
             mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        )
+        ))
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
