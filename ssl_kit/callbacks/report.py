@@ -47,22 +47,24 @@ class EvalReport(pl.Callback):
         linear_batch_size: linear-probe batch size.
         linear_lr: linear-probe base lr per 256 samples. A LARS step moves each weight matrix by
             about lr x 0.001 of its norm, so a few hundred steps on small data need a far larger
-            value than ImageNet's 0.1 x 16384 / 256 over ~7,000 steps (50: measured on the digits demo).
+            value than ImageNet's 0.1 x 16384 / 256 over ~7,000 steps. Measured on the digits demos
+            (100 epochs): 5 gave MAE 97.8 / ReLICv2 95.5, 50 gave 97.5 / 92.5, 200 gave 96.7 / 94.4.
         finetune_epochs: epochs of the short fine-tune (0 skips it).
         finetune_lr: fine-tune AdamW base lr per 256 images.
+        finetune_layer_decay: layer-wise lr decay of the fine-tune (None: one lr for all).
         finetune_batch_size: fine-tune batch size.
         finetune_crop_scale: RandomResizedCrop area range of the fine-tune's training views.
     """
 
     def __init__(
         self, k: int = 20, temperature: float = 0.07, filename: str = "eval.json", seed: int = 0,
-        linear_epochs: int = 100, linear_batch_size: int = 256, linear_lr: float = 50.0,
-        finetune_epochs: int = 0, finetune_lr: float = 2e-3, finetune_batch_size: int = 64,
-        finetune_crop_scale: tuple[float, float] = (0.35, 1.0),
+        linear_epochs: int = 100, linear_batch_size: int = 256, linear_lr: float = 5.0,
+        finetune_epochs: int = 0, finetune_lr: float = 4e-3, finetune_layer_decay: float | None = 0.7,
+        finetune_batch_size: int = 64, finetune_crop_scale: tuple[float, float] = (0.35, 1.0),
     ) -> None:
         self.k, self.temperature, self.filename, self.seed = k, temperature, filename, seed
         self.linear_epochs, self.linear_batch_size, self.linear_lr = linear_epochs, linear_batch_size, linear_lr
-        self.finetune_epochs, self.finetune_lr = finetune_epochs, finetune_lr
+        self.finetune_epochs, self.finetune_lr, self.finetune_layer_decay = finetune_epochs, finetune_lr, finetune_layer_decay
         self.finetune_batch_size, self.finetune_crop_scale = finetune_batch_size, tuple(finetune_crop_scale)
 
     # --- the three encoders ---------------------------------------------------------------
@@ -107,7 +109,7 @@ class EvalReport(pl.Callback):
             torch.manual_seed(self.seed)
             return fit_finetune(copy.deepcopy(encoder), train, datamodule.eval_dataloader("val"),
                                 len(datamodule.classes()), self.finetune_epochs, self.finetune_lr,
-                                device=module.device)
+                                layer_decay=self.finetune_layer_decay, device=module.device)
 
     def evaluate(self, module: pl.LightningModule, datamodule) -> dict[str, dict]:
         """Scores of every row of :data:`ENCODERS`."""
@@ -134,7 +136,8 @@ class EvalReport(pl.Callback):
                                "base_lr": self.linear_lr, "optimizer": "LARS", "features": "cached, eval transform"}
         if self.finetune_epochs > 0:
             proto["finetune"] = {"epochs": self.finetune_epochs, "batch_size": self.finetune_batch_size,
-                                 "base_lr": self.finetune_lr, "optimizer": "AdamW",
+                                 "base_lr": self.finetune_lr, "layer_decay": self.finetune_layer_decay,
+                                 "optimizer": "AdamW",
                                  "views": f"RandomResizedCrop{self.finetune_crop_scale} + flip"}
         return proto
 

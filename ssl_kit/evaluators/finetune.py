@@ -245,12 +245,13 @@ class FineTune(Evaluator):
 
 def fit_finetune(
     encoder: nn.Module, train: DataLoader, val: DataLoader, num_classes: int, epochs: int = 5,
-    base_lr: float = 1e-3, weight_decay: float = 0.05, warmup_epochs: float = 1.0, label_smoothing: float = 0.1,
-    device: torch.device | str = "cpu",
+    base_lr: float = 1e-3, weight_decay: float = 0.05, layer_decay: float | None = None,
+    warmup_epochs: float = 1.0, label_smoothing: float = 0.1, device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """A short end-to-end fine-tune as a plain loop (no Trainer), for reports inside other runs:
     the encoder plus a new linear classifier on its pooled features, AdamW at
-    ``base_lr x batch / 256`` (no decay on biases, norms and tokens), warm-up + cosine,
+    ``base_lr x batch / 256`` with timm's layer-wise lr decay (as the MAE and ConvNeXt V2
+    fine-tuning recipes), no decay on biases, norms and tokens, warm-up + cosine,
     label-smoothed cross-entropy; returns val top-1/top-5. ``encoder`` is trained in place.
 
     Args:
@@ -261,16 +262,23 @@ def fit_finetune(
         epochs: passes over ``train``.
         base_lr: lr per 256 images.
         weight_decay: AdamW weight decay.
+        layer_decay: lr factor per block away from the head (None: one lr for all).
         warmup_epochs: linear warm-up length.
         label_smoothing: cross-entropy target smoothing.
         device: where to train.
     """
     head = nn.Linear(encoder.num_features, num_classes).to(device)
-    nn.init.trunc_normal_(head.weight, std=2e-5)  # MAE's fine-tune head init: early steps keep the features
+    nn.init.trunc_normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
+    if layer_decay is None:
+        groups = weight_decay_groups(nn.Sequential(encoder, head))
+    else:
+        groups = param_groups_layer_decay(encoder, weight_decay=weight_decay, layer_decay=layer_decay,
+                                          no_weight_decay_list=getattr(encoder, "no_weight_decay", set)())
+        groups += [{"params": [head.weight], "weight_decay": weight_decay}, {"params": [head.bias], "weight_decay": 0.0}]
+    opt = with_lr_scale(lambda g: torch.optim.AdamW(g, lr=base_lr * train.batch_size / 256,
+                                                    weight_decay=weight_decay))(groups)
     model = nn.Sequential(encoder, head).train()
-    lr = base_lr * train.batch_size / 256
-    opt = torch.optim.AdamW(weight_decay_groups(model), lr=lr, weight_decay=weight_decay)
     total = max(1, epochs * len(train))
     warmup = int(warmup_epochs * len(train))
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))

@@ -41,11 +41,11 @@ class EVA(SSLMethod):
         mask_ratio: target fraction of masked patches (paper: 0.4).
         min_num_patches: smallest mask block, in patches (BEiT: 16).
         min_aspect: mask blocks have aspect ratios in ``[min_aspect, 1 / min_aspect]`` (BEiT: 0.3).
-        pooled_weight: weight of an extra target, not in the paper (0: off): the student's class token,
-            through its own linear head, regresses the teacher's pooled feature (what evaluators read
-            from the teacher) with the same negative cosine. Useful when the teacher's patch tokens
-            carry less of what it learned than its pooled feature (e.g. an MAE teacher); then
-            evaluate the student with ``global_pool: token``.
+        pooled_weight: weight of an extra target, not in the paper (0: off): the student's pooled
+            feature (what evaluators read from it, per ``global_pool``: the mean patch token or the
+            class token), through its own linear head, regresses the teacher's pooled feature with
+            the same negative cosine. The paper's loss trains masked positions only, so the pooled
+            feature of an unmasked image is never fitted to the teacher's; this fits it directly.
         drop_path_rate: student stochastic depth.
         global_pool: the student's feature for evaluators: ``avg`` (mean of the final-norm patch
             tokens, which the loss trains; BEiT/EVA fine-tune this way) or ``token`` (the class token,
@@ -99,9 +99,6 @@ class EVA(SSLMethod):
         self.head = nn.Linear(self.encoder.embed_dim, self.teacher.out_dim)
         if pooled_weight < 0:
             raise ValueError(f"pooled_weight={pooled_weight} is not allowed: use 0 (off) or a positive weight.")
-        if pooled_weight > 0 and self.encoder.num_prefix_tokens < 1:
-            raise ValueError(f"pooled_weight={pooled_weight} needs a student with a class token; "
-                             f"{model_name!r} with {encoder_kwargs or {}} has none (class_token: true).")
         self.pooled_head = nn.Linear(self.encoder.embed_dim, self.teacher.pooled_dim) if pooled_weight > 0 else None
 
     def build_encoder(self) -> nn.Module:
@@ -156,7 +153,9 @@ class EVA(SSLMethod):
         pred = self.head(tokens[:, self.encoder.num_prefix_tokens:])  # (B, L, D_t)
         loss = masked_negative_cosine(pred, target, mask)
         if self.pooled_head is not None:
-            pooled = self.pooled_head(tokens[:, :1])  # (B, 1, D_pool): the class token
+            n_prefix = self.encoder.num_prefix_tokens
+            pooled = tokens[:, n_prefix:].mean(1, keepdim=True) if self.hparams.global_pool == "avg" else tokens[:, :1]
+            pooled = self.pooled_head(pooled)  # (B, 1, D_pool)
             every = torch.ones(pooled.shape[:2], device=pooled.device)
             loss = loss + self.hparams.pooled_weight * masked_negative_cosine(pooled, pooled_target[:, None], every)
         return loss, mask
