@@ -28,6 +28,7 @@ from ssl_kit.callbacks import SpeedUp
 from ssl_kit.callbacks.speed import auto_precision
 from ssl_kit.cli import SSLCLI
 from ssl_kit.data import SSLDataModule
+from ssl_kit.errors import UserError
 from ssl_kit.methods import SSLMethod
 
 #: Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, matched in order against
@@ -168,7 +169,7 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
 def run_bench(cfg: Namespace) -> dict[str, Any]:
     """Time ``cfg.steps`` training steps of the config's model; returns the figures."""
     if cfg.warmup_steps < 0 or cfg.steps <= cfg.warmup_steps:
-        raise ValueError(f"--steps {cfg.steps} must exceed --warmup_steps {cfg.warmup_steps} (>= 0).")
+        raise UserError(f"--steps {cfg.steps} must exceed --warmup_steps {cfg.warmup_steps} (>= 0).")
     accelerator = cfg.trainer.accelerator
     on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
