@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from timm.data import Mixup, create_transform
+from PIL import Image
+from timm.data import Mixup, auto_augment, create_transform
 from timm.layers import DropPath
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
@@ -13,6 +14,7 @@ from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ssl_kit.errors import UserError
 from ssl_kit.evaluators.base import Evaluator
 from ssl_kit.evaluators.features import extract_features
 from ssl_kit.evaluators.results import format_summary, seed_summary, topk_accuracy, write_results
@@ -36,11 +38,28 @@ def set_drop_path(model: nn.Module, rate: float) -> int:
              for attr, _ in parent.named_children() if attr.startswith("drop_path")]
     blocks = list(dict.fromkeys(name for name, _, _ in sites))  # block names, in order, once each
     if rate > 0 and not blocks:
-        raise ValueError(f"drop_path_rate={rate}: {type(model).__name__} has no drop_path modules; use 0.")
+        raise UserError(f"drop_path_rate={rate}: {type(model).__name__} has no drop_path modules; use 0.")
     for name, parent, attr in sites:
         p = rate * blocks.index(name) / max(1, len(blocks) - 1)
         setattr(parent, attr, DropPath(p) if p > 0 else nn.Identity())
     return len(blocks)
+
+
+def posterize_zero_safe(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's ``posterize`` that also takes 0 bits: a black image, as the TF reference and Pillow
+    < 13 give (Pillow 13 refuses ``bits < 1``; ``rand-m9-mstd0.5`` asks for 0 at magnitude 10)."""
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def guard_posterize(transform: Callable) -> Callable:
+    """Make every posterize op inside ``transform`` (RandAugment / AutoAugment / AugMix) 0-bit safe."""
+    for t in getattr(transform, "transforms", [transform]):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = posterize_zero_safe
+    return transform
 
 
 def with_lr_scale(build: OptimizerCallable) -> OptimizerCallable:
@@ -120,7 +139,7 @@ class FineTune(Evaluator):
         min_lr_ratio: float = 0.0,
     ) -> None:
         if layer_decay is not None and not 0 < layer_decay <= 1:
-            raise ValueError(f"layer_decay={layer_decay} is not allowed: use a value in (0, 1], or null to disable.")
+            raise UserError(f"layer_decay={layer_decay} is not allowed: use a value in (0, 1], or null to disable.")
         super().__init__(encoder, arch, img_size, results_file, with_lr_scale(optimizer), lr_scaling,
                          warmup_epochs, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
@@ -131,11 +150,11 @@ class FineTune(Evaluator):
 
     def train_transform(self) -> Callable:
         hp = self.hparams
-        return create_transform(
+        return guard_posterize(create_transform(
             self.img_size, is_training=True, scale=tuple(hp.crop_scale), auto_augment=hp.auto_augment,
             color_jitter=hp.color_jitter, re_prob=hp.re_prob, re_mode="pixel", interpolation="bicubic",
             mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        )
+        ))
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -144,7 +163,7 @@ class FineTune(Evaluator):
             self.build_head(self.num_classes)
             if hp.mixup_alpha > 0 or hp.cutmix_alpha > 0:
                 if self.trainer.datamodule.batch_size % 2:
-                    raise ValueError(f"Mixup/CutMix pair each image with another: data.batch_size="
+                    raise UserError(f"Mixup/CutMix pair each image with another: data.batch_size="
                                      f"{self.trainer.datamodule.batch_size} must be even.")
                 self.mixup = Mixup(hp.mixup_alpha, hp.cutmix_alpha, label_smoothing=hp.label_smoothing,
                                    num_classes=self.num_classes)
