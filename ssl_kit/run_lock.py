@@ -227,8 +227,16 @@ def _claim_fresh(root: Path, launch: str | None) -> Claim:
 
 
 def _report_stale(lock: RunLock) -> None:
+    """Say whose stale lock was taken over, and delete the unfinished temporary files of atomic
+    writes in the directory: with the lock held, no one else is writing them."""
     if lock.previous:
         print(f"{lock.path} was left by {describe(lock.previous)}, which no longer runs: stale lock taken over")
+    partial = [p for p in lock.run_dir.glob(".*.tmp-*") if p.is_file()]
+    for path in partial:
+        path.unlink(missing_ok=True)
+    if partial:
+        print(f"removed {len(partial)} unfinished temporary file(s) of an interrupted write: "
+              f"{', '.join(p.name for p in partial)}")
 
 
 def launch_info() -> tuple[int, str | None]:

@@ -52,7 +52,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
         if _out_of_space(err):
             kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
-            raise NoSpaceError(f"no space left on the device writing {path} ({err.strerror}); {kept}. Free space, "
+            raise NoSpaceError(f"no space left on the device writing {path}; {kept}. Free space, "
                                f"then resume with --ckpt_path last.") from err
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -205,6 +205,10 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         saves = self._saves
+        if self._last_global_step_saved == trainer.global_step:
+            # Saved mid-epoch at this very step (every_n_train_steps): Lightning would skip the
+            # epoch's numbered checkpoint and the epoch-end last.ckpt for a step already saved.
+            self._last_global_step_saved = -1
         super().on_train_epoch_end(trainer, pl_module)
         # Also when this step was already saved mid-epoch: an epoch-end checkpoint resumes cleanly
         # at the next epoch, after this epoch's end hooks.

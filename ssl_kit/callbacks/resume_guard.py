@@ -85,9 +85,9 @@ def rescale_position(trainer: pl.Trainer, checkpoint: dict[str, Any], saved: dic
     per_step = now.get("batch_size", 1) * now["world_size"]
     per_epoch = now.get("train_samples", samples) // per_step  # batches of one rank in a full epoch
     batches = min(samples // per_step, per_epoch)
-    data["sampler_batches_done"] = batches
+    shift, data["sampler_batches_done"] = batches - data["sampler_batches_done"], batches
     dm.load_state_dict(data)  # the data module read the old position before callbacks are restored
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get(BATCH_PROGRESS)
-    if progress is not None:
-        progress["current"].update(ready=batches, started=batches, processed=batches, completed=batches)
+    if progress is not None:  # shifted alike: Lightning's restart logic reads their differences
+        progress["current"].update({k: max(0, v + shift) for k, v in progress["current"].items()})
     return batches
