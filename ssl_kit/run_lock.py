@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -66,8 +67,6 @@ class RunLock:
         return True
 
     def _lock(self, fd: int) -> bool:
-        import fcntl
-
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
@@ -94,6 +93,23 @@ class RunLock:
     @property
     def held(self) -> bool:
         return self._fd is not None
+
+    def is_held(self) -> bool:
+        """Whether some live process holds the lock now (a record left by a killed one is not)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+        except OSError:  # no flock here: trust the record
+            return True
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         """Delete the lock file (while still holding it) and let go; an empty directory this
@@ -245,8 +261,9 @@ def launch_info() -> tuple[int, str | None]:
     Every process of one launch shares the id (a requeued or restarted launch gets a new one).
     """
     env = os.environ
-    if "TORCHELASTIC_RUN_ID" in env:
-        return int(env.get("RANK", 0)), f"torchrun:{env['TORCHELASTIC_RUN_ID']}:{env.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+    if "TORCHELASTIC_RUN_ID" in env:  # the id is "none" without --rdzv-id: the master address tells launches apart
+        launch = f"{env['TORCHELASTIC_RUN_ID']}@{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"
+        return int(env.get("RANK", 0)), f"torchrun:{launch}:{env.get('TORCHELASTIC_RESTART_COUNT', 0)}"
     if int(env.get("SLURM_NTASKS") or 1) > 1 and "SLURM_PROCID" in env:
         job = f"{env.get('SLURM_JOB_ID')}.{env.get('SLURM_STEP_ID', '')}"
         return int(env["SLURM_PROCID"]), f"slurm:{job}:{env.get('SLURM_RESTART_COUNT', 0)}"
@@ -261,8 +278,9 @@ def wait_for_claim(root: Path, launch: str) -> dict:
         while (sibling := root.with_name(f"{root.name}-{n}")).exists():
             candidates, n = candidates + [sibling], n + 1
         for candidate in candidates:
-            holder = RunLock(candidate).holder()
-            if holder and holder.get("launch") == launch and holder.get("ready"):
+            lock = RunLock(candidate)
+            holder = lock.holder()
+            if holder and holder.get("launch") == launch and holder.get("ready") and lock.is_held():
                 return holder
         time.sleep(0.2)
     raise RuntimeError(f"waited {RANK_WAIT_S:.0f} s for rank 0 of {launch} to claim a run directory under {root}; "

@@ -86,7 +86,12 @@ def test_ranks_started_by_torchrun_agree_on_the_directory(tmp_path):
     root = tmp_path / "mae"
     root.mkdir()
     torch.save({}, root / "last.ckpt")  # an earlier run: a fresh one goes to mae-1
-    env = dict(os.environ, TORCHELASTIC_RUN_ID="job42", TORCHELASTIC_RESTART_COUNT="0", SSL_KIT_RANK_WAIT_S="120")
+    env = dict(os.environ, TORCHELASTIC_RUN_ID="none", TORCHELASTIC_RESTART_COUNT="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="29555", SSL_KIT_RANK_WAIT_S="120")
+    # A killed launch with the same id (torchrun without --rdzv-id) left its record: not to be trusted.
+    stale = {"launch": "torchrun:none@127.0.0.1:29555:0", "ready": True, "run_dir": str(tmp_path / "old"),
+             "ckpt_path": None, "pid": 1}
+    (root / LOCK_NAME).write_text(json.dumps(stale))
     ranks = []
     for rank in (1, 0):  # rank 1 first: it must wait for rank 0's decision, not make its own
         ranks.append(subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(root), str(REPO)],
