@@ -143,7 +143,9 @@ def test_kill9_at_random_steps_resumes_exactly_in_moved_and_copied_dirs(referenc
     before = snapshot(c)
     out, _ = finish(start("--trainer.max_epochs", str(EPOCHS), "--ckpt_path", "last", run_dir=c,
                           fault=f"kill_after_save:{k3}"), -signal.SIGKILL)
-    assert f"at global step {k2 - 1}" in out and "removed 1 unfinished temporary file" in out
+    # At an epoch's end, epoch=NNNN.ckpt is written just before last.ckpt: the newest good one.
+    resumed_at = k2 if k2 % STEPS_PER_EPOCH == 0 else k2 - 1
+    assert f"at global step {resumed_at}" in out and "removed 1 unfinished temporary file" in out
     assert last_step(c) == k3
     assert_nothing_lost(before, c)
 
@@ -153,7 +155,7 @@ def test_kill9_at_random_steps_resumes_exactly_in_moved_and_copied_dirs(referenc
     assert_nothing_lost(before, c)
     assert_no_versioned_copies(c)
     configs = sorted(p.name for p in c.glob("config*.yaml"))
-    assert configs == sorted(["config.yaml", *(f"config.step={s:06d}.yaml" for s in (k1, k2 - 1, k3))]), configs
+    assert configs == sorted(["config.yaml", *(f"config.step={s:06d}.yaml" for s in (k1, resumed_at, k3))]), configs
 
     ours, ref = load_checkpoint(c / "last.ckpt"), load_checkpoint(reference.wait() / "last.ckpt")
     assert ours["global_step"] == ref["global_step"] == total

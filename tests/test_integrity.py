@@ -216,3 +216,63 @@ def test_allowed_change_continues_from_the_same_sample_position(tmp_path):
     # 8 images = 4 batches of 2 already trained; the epoch (6 batches of 2) ends after 2 more steps.
     assert trainer.global_step == 4
     assert load_checkpoint(tmp_path / "last.ckpt")["ssl_kit_resume"]["batch_size"] == 2
+
+
+
+class CrashAtEpochEnd(pl.Callback):
+    """Dies after the epoch's last batch, before the epoch-end hooks (checkpoint callbacks run last)."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        raise Crash("killed between the last batch and the end of the epoch")
+
+
+def _fit_exact(run_dir: Path, ckpt_path=None, crash: pl.Callback | None = None) -> Path:
+    pl.seed_everything(0)
+    callbacks = [RunCheckpoint(str(run_dir), every_n_train_steps=1), *([crash] if crash else [])]
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, deterministic=True, callbacks=callbacks)
+    model, data = MAE(**{**TINY_MAE, "model_name": "test_vit"}), SSLDataModule(**DATA)
+    if crash is None:
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+    else:
+        with pytest.raises(Crash):
+            trainer.fit(model, data, ckpt_path=ckpt_path)
+    return run_dir / "last.ckpt"
+
+
+def test_killed_after_an_epochs_last_batch_then_mid_epoch_resumes_exactly(tmp_path):
+    """Kills between an epoch's last batch and its end, with a mid-epoch kill between them (found
+    by test_faults with SSL_KIT_FAULT_SEED=24: the last resume trained one batch twice)."""
+    reference = load_checkpoint(_fit_exact(tmp_path / "ref"))
+    last = _fit_exact(tmp_path / "run", crash=CrashAtEpochEnd())
+    _fit_exact(tmp_path / "run", ckpt_path=str(last), crash=CrashAt(4))  # mid epoch 1
+    _fit_exact(tmp_path / "run", ckpt_path=str(last), crash=CrashAtEpochEnd())  # after epoch 1's last batch
+    resumed = load_checkpoint(_fit_exact(tmp_path / "run", ckpt_path=str(last)))
+    assert resumed["global_step"] == reference["global_step"] == 9
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+
+
+class SignalAtStep(pl.Callback):
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum, self.step = signum, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_sigterm_in_an_epochs_last_batch_saves_at_the_epoch_end(tmp_path):
+    """Not between the last batch and the epoch end (see above), and not Lightning's exit without a checkpoint."""
+    import signal
+
+    torch.manual_seed(0)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False,
+                         callbacks=[RunCheckpoint(str(tmp_path), every_n_train_steps=1), SignalAtStep(signal.SIGTERM, 2)])
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.fit(MAE(**{**TINY_MAE, "model_name": "test_vit"}), SSLDataModule(**DATA))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    ckpt = load_checkpoint(tmp_path / "last.ckpt")
+    assert ckpt["global_step"] == 3 and ckpt["SSLDataModule"]["sampler_epoch"] == 1
+    assert (tmp_path / "epoch=0000.ckpt").exists()  # the epoch's end ran before the exit

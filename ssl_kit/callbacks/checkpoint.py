@@ -198,6 +198,12 @@ class RunCheckpoint(ModelCheckpoint):
     # --- when to write last.ckpt ---------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # The epoch's last batch: on_train_epoch_end saves (and exits on a signal) moments later.
+            # A checkpoint from between the two resumes through Lightning's "restarted at the end of
+            # an epoch" path, whose epoch counters are off by one afterwards (a later mid-epoch
+            # resume then trains a batch twice). Lightning too defers its SIGTERM exit to then.
+            return
         self._exit_if_preempted(trainer)
         n = self.last_every_n_train_steps
         if n and trainer.global_step % n == 0 and not self._should_skip_saving_checkpoint(trainer):
@@ -205,10 +211,6 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         saves = self._saves
-        if self._last_global_step_saved == trainer.global_step:
-            # Saved mid-epoch at this very step (every_n_train_steps): Lightning would skip the
-            # epoch's numbered checkpoint and the epoch-end last.ckpt for a step already saved.
-            self._last_global_step_saved = -1
         super().on_train_epoch_end(trainer, pl_module)
         # Also when this step was already saved mid-epoch: an epoch-end checkpoint resumes cleanly
         # at the next epoch, after this epoch's end hooks.
