@@ -136,8 +136,9 @@ def resume_checkpoint(run_dir: Path, ckpt_path: str | None) -> str | None:
     """Resolve ``--ckpt_path`` for ``fit``: a file path, or None for a fresh start.
 
     ``last`` must find a good checkpoint (no silent fresh start); ``last_if_exists`` resumes if it
-    can; a requeued SLURM job without ``--ckpt_path`` behaves like ``last_if_exists``. Unusable
-    checkpoints newer than the one chosen are renamed ``*.corrupt`` and named.
+    can; a requeued SLURM job without ``--ckpt_path`` behaves like ``last_if_exists``. Checkpoints
+    found unusable on the way (every unreadable one, and those newer than the one chosen that fail
+    their checks) are renamed ``*.corrupt`` and named.
     """
     if ckpt_path is None and slurm_requeued():
         ckpt_path = RESUME_IF_EXISTS
