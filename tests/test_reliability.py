@@ -21,6 +21,7 @@ from conftest import REPO, TINY_MAE, assert_ok, run_cli
 from ssl_kit.callbacks import NaNGuard, NonFiniteLossError, RunCheckpoint, SafeCheckpointIO
 from ssl_kit.cli import resume_checkpoint
 from ssl_kit.data import SSLDataModule
+from ssl_kit.errors import MissingFileError
 from ssl_kit.export import load_checkpoint
 from ssl_kit.methods import MAE
 
@@ -35,7 +36,7 @@ def trainer(run_dir: Path, callbacks: list, max_epochs: int = 2) -> pl.Trainer:
 # --- 2. no silent fresh start ---------------------------------------------------------------
 def test_last_without_checkpoint_is_an_error_unless_if_exists(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    with pytest.raises(SystemExit, match="no .*last.ckpt.* to resume from.*last_if_exists"):
+    with pytest.raises(MissingFileError, match="no good checkpoint .*last.ckpt.* to resume from.*last_if_exists"):
         resume_checkpoint(tmp_path, "last")
     assert resume_checkpoint(tmp_path, "last_if_exists") is None  # asked for "if possible": fresh start
     torch.save({}, tmp_path / "last.ckpt")
