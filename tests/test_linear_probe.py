@@ -143,12 +143,13 @@ def test_train_and_val_class_lists_must_match(tmp_path):
     assert check_classification_data(dm) == 3
 
 
-def test_encoder_flag_is_refused_by_pretraining_configs():
+def test_encoder_flag_is_refused_by_pretraining_configs(capsys):
     from ssl_kit.cli import main
 
-    with pytest.raises(SystemExit, match="--encoder applies to evaluation configs"):
+    with pytest.raises(SystemExit) as error:
         main(["fit", "--config", str(REPO / "configs/demo/mae.yaml"), "--encoder", "vit_tiny_patch16_224",
               "--trainer.default_root_dir", "/nonexistent/never-created"])
+    assert error.value.code == 2 and "--encoder applies to evaluation configs" in capsys.readouterr().err
 
 
 # Before ssl_kit.evaluators.load exists (parallel branch), the subprocess gets the test stand-in.

@@ -30,6 +30,7 @@ from timm.models.convnext import ConvNeXt
 from torch import Tensor, nn
 
 from ssl_kit.backbones.timm_names import check_timm_name
+from ssl_kit.errors import UserError
 from ssl_kit.losses.pixel import patchify
 from ssl_kit.masking.hierarchical import kept_indices, upsample_mask
 
@@ -46,7 +47,7 @@ def create_convnextv2(model_name: str, in_chans: int = 3, drop_path_rate: float 
     check_timm_name(model_name)
     if not model_name.startswith("convnextv2_"):
         names = ", ".join(sorted(timm.list_models("convnextv2_*")))
-        raise ValueError(f"{model_name!r} is not a ConvNeXt V2; FCMAE needs one of timm's convnextv2_* models: {names}.")
+        raise UserError(f"{model_name!r} is not a ConvNeXt V2; FCMAE needs one of timm's convnextv2_* models: {names}.")
     model = timm.create_model(
         model_name, pretrained=False, num_classes=0, in_chans=in_chans, drop_path_rate=drop_path_rate, **kwargs
     )
@@ -102,7 +103,7 @@ def check_sparse_layout(model: nn.Module) -> None:
                     problems.append(f"stage {i} has a block without GRN, stride 1 and identity shortcut")
                     break
     if problems:
-        raise ValueError(f"the sparse ConvNeXt V2 forward cannot run this model: {'; '.join(problems)}.")
+        raise UserError(f"the sparse ConvNeXt V2 forward cannot run this model: {'; '.join(problems)}.")
 
 
 def total_stride(model: ConvNeXt) -> int:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_kit.errors import MissingFileError, UserError
 from ssl_kit.views import IMAGENET_MEAN, IMAGENET_STD
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -79,19 +80,19 @@ class TeacherConfig:
 def check_teacher_source(cfg: TeacherConfig) -> None:
     """Refuse to start without teacher weights, naming the file looked for."""
     if cfg.kind not in ("open_clip", "encoder"):
-        raise ValueError(f"teacher.kind={cfg.kind!r} is not allowed: use 'open_clip' or 'encoder'.")
+        raise UserError(f"teacher.kind={cfg.kind!r} is not allowed: use 'open_clip' or 'encoder'.")
     if cfg.checkpoint is not None and cfg.random_init:
-        raise ValueError(f"teacher.checkpoint={cfg.checkpoint!r} and teacher.random_init=true contradict "
+        raise UserError(f"teacher.checkpoint={cfg.checkpoint!r} and teacher.random_init=true contradict "
                          "each other: unset one of them.")
     if cfg.checkpoint is None and not cfg.random_init:
-        raise ValueError("no teacher weights: set teacher.checkpoint to a local weights file (nothing is "
+        raise UserError("no teacher weights: set teacher.checkpoint to a local weights file (nothing is "
                          "downloaded); teacher.random_init=true gives a random teacher, for smoke tests only.")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
         hint = ""
         if "runs/demo/mae" in Path(cfg.checkpoint).as_posix():
             hint = (" The EVA demo distils the MAE demo's encoder: run "
                     "`python -m ssl_kit fit --config configs/demo/mae.yaml` first.")
-        raise FileNotFoundError(f"teacher weights not found: teacher.checkpoint={cfg.checkpoint!r} is not a "
+        raise MissingFileError(f"teacher weights not found: teacher.checkpoint={cfg.checkpoint!r} is not a "
                                 f"file (looked for {Path(cfg.checkpoint).resolve()}).{hint}")
 
 
@@ -101,20 +102,20 @@ def open_clip_name(model_name: str | None) -> str:
     import open_clip
 
     if not model_name:
-        raise ValueError("teacher.model_name is required for teacher.kind='open_clip' (e.g. 'ViT-L-14').")
+        raise UserError("teacher.model_name is required for teacher.kind='open_clip' (e.g. 'ViT-L-14').")
     if model_name.endswith(".json"):
         path = Path(model_name)
         if not path.is_file():
-            raise FileNotFoundError(f"teacher.model_name={model_name!r}: no such open_clip model-config file.")
+            raise MissingFileError(f"teacher.model_name={model_name!r}: no such open_clip model-config file.")
         open_clip.add_model_config(path)
         model_name = path.stem
     if ":" in model_name:
-        raise ValueError(f"teacher.model_name={model_name!r}: schema names (hf-hub:, local-dir:) are not "
+        raise UserError(f"teacher.model_name={model_name!r}: schema names (hf-hub:, local-dir:) are not "
                          "allowed; give a built-in open_clip name and teacher.checkpoint (a local file).")
     known = open_clip.list_models()
     if model_name not in known:
         close = difflib.get_close_matches(model_name, known, n=8, cutoff=0.5)
-        raise ValueError(f"unknown open_clip model name teacher.model_name={model_name!r}. Close names: "
+        raise UserError(f"unknown open_clip model name teacher.model_name={model_name!r}. Close names: "
                          f"{', '.join(close) or 'none'}. All names: open_clip.list_models().")
     return model_name
 
@@ -130,7 +131,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"teacher.checkpoint={str(path)!r} is not a plain tensor state dict that loads "
+            raise UserError(f"teacher.checkpoint={str(path)!r} is not a plain tensor state dict that loads "
                              f"with weights_only=True (TorchScript archives such as OpenAI's .pt are not: "
                              f"save model.state_dict() instead). {type(err).__name__}: "
                              f"{str(err).splitlines()[0]}") from err
@@ -153,7 +154,7 @@ def load_tower_weights(tower: nn.Module, state: dict[str, Tensor], source: str) 
         def few(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
-        raise ValueError(f"teacher weights {source} do not match the model: missing keys: {few(missing) or '-'}; "
+        raise UserError(f"teacher weights {source} do not match the model: missing keys: {few(missing) or '-'}; "
                          f"unexpected keys: {few(unexpected) or '-'}; shape mismatches: {few(shapes) or '-'}.")
     tower.load_state_dict(state)
 
@@ -179,7 +180,7 @@ def encoder_tower(cfg: TeacherConfig) -> nn.Module:
         import timm
 
         if not cfg.model_name or not timm.is_model(cfg.model_name):
-            raise ValueError(f"teacher.model_name={cfg.model_name!r} is not a timm model name; a random "
+            raise UserError(f"teacher.model_name={cfg.model_name!r} is not a timm model name; a random "
                              "encoder teacher needs one.")
         return timm.create_model(cfg.model_name, pretrained=False, num_classes=0)
     from ssl_kit.evaluators.load import load_encoder  # lazy: only this teacher kind needs the evaluators
@@ -262,14 +263,14 @@ class FrozenTeacher(nn.Module):
             # open_clip TimmModel (EVA02-*): the trunk's classifier and the adapter head, per token.
             per_token = nn.Sequential(trunk.get_classifier(), head)
             return per_token(grid.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        raise ValueError(f"teacher.project=true: the {type(self.model).__name__} tower of "
+        raise UserError(f"teacher.project=true: the {type(self.model).__name__} tower of "
                          f"{self.cfg.model_name!r} has no per-token projection; set teacher.project=false.")
 
     def check_grid(self, grid: tuple[int, int]) -> None:
         """Raise unless the teacher's token grid can be pooled onto the student's ``grid``."""
         (th, tw), (sh, sw) = self.grid, grid
         if th < sh or tw < sw:
-            raise ValueError(
+            raise UserError(
                 f"teacher grid {th}x{tw} (at {self.input_size[0]}x{self.input_size[1]} px) is coarser than the "
                 f"student's {sh}x{sw}: its targets would be interpolated, not measured. Use a student with "
                 f"fewer patches (larger patch_size or smaller img_size) or a teacher with a finer grid."

@@ -10,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ssl_kit.backbones.timm_names import check_timm_name
+from ssl_kit.errors import UserError
 from ssl_kit.masking.random import gather_tokens
 
 
@@ -20,7 +21,7 @@ def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> Tensor:
         returns (grid_h * grid_w, embed_dim), rows in raster order.
     """
     if embed_dim % 4:
-        raise ValueError(f"embed_dim={embed_dim} must be divisible by 4 for a 2-D sin-cos embedding.")
+        raise UserError(f"embed_dim={embed_dim} must be divisible by 4 for a 2-D sin-cos embedding.")
     quarter = embed_dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
     rows, cols = torch.meshgrid(
@@ -80,7 +81,7 @@ def create_vit(
         raise not_a_vit
     p = model.patch_embed.patch_size[0]
     if img_size % p:
-        raise ValueError(f"img_size={img_size} is not divisible by patch_size={p}; choose a multiple of {p}.")
+        raise UserError(f"img_size={img_size} is not divisible by patch_size={p}; choose a multiple of {p}.")
     if sincos_pos_embed:
         set_sincos_pos_embed(model)
     return model

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ssl_kit.data.datasets import Digits, ImageFolder, LabeledImages, SyntheticImages
 from ssl_kit.data.sampler import ResumableSampler, fit_position
+from ssl_kit.errors import BadImageError, UserError
 
 #: How many following indices a skipped unreadable image may look through for a readable one.
 MAX_BAD_RUN = 64
@@ -64,18 +65,18 @@ class SSLDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if bad_images not in ("error", "skip"):
-            raise ValueError(f"bad_images={bad_images!r} is not allowed: use 'error' or 'skip'.")
+            raise UserError(f"bad_images={bad_images!r} is not allowed: use 'error' or 'skip'.")
         self.bad_images = bad_images
         self._skipped = Value("q", 0)  # shared with loader workers
         self._resume_position: tuple[int, int] | None = None
         self._sampler_seed: int | None = None  # a resumed run keeps the order seed of the original
         if dataset == "folder" and root is None:
-            raise ValueError("data.dataset='folder' needs data.root (a directory of images); "
+            raise UserError("data.dataset='folder' needs data.root (a directory of images); "
                              "or use data.dataset='digits' or 'synthetic'.")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction={val_fraction} is not allowed: use 0 <= val_fraction < 1.")
+            raise UserError(f"val_fraction={val_fraction} is not allowed: use 0 <= val_fraction < 1.")
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} is not allowed: it must be >= 1.")
+            raise UserError(f"batch_size={batch_size} is not allowed: it must be >= 1.")
         self.dataset, self.root, self.val_root = dataset, root, val_root
         self.val_fraction, self.seed = val_fraction, seed
         self.batch_size = batch_size
@@ -191,7 +192,7 @@ class SSLDataModule(pl.LightningDataModule):
             raise RuntimeError("SSLDataModule has no training transform: attach it to a model or call set_transforms().")
         dataset = self.split("train", self.train_transform)
         if len(dataset) < self.batch_size:
-            raise ValueError(f"the training split has {len(dataset)} images, fewer than batch_size={self.batch_size}.")
+            raise UserError(f"the training split has {len(dataset)} images, fewer than batch_size={self.batch_size}.")
         return self._train_loader(dataset)
 
     def eval_dataloader(self, name: Literal["train", "val"]) -> DataLoader:
@@ -265,12 +266,12 @@ class _Transformed(Dataset):
                 return i, base.load(i)
             except OSError as err:
                 if self.bad_images == "error":
-                    raise
+                    raise BadImageError(f"{err} (data.bad_images='error'; 'skip' trains past unreadable files)") from err
                 if self.skipped is not None:
                     with self.skipped.get_lock():
                         self.skipped.value += 1
                 warnings.warn(f"skipping unreadable image (bad_images='skip'): {err}", stacklevel=2)
-        raise OSError(f"{min(n, MAX_BAD_RUN)} consecutive unreadable images from split index {index}; "
+        raise BadImageError(f"{min(n, MAX_BAD_RUN)} consecutive unreadable images from split index {index}; "
                       f"is the data folder corrupt? (see the warnings above for the files)")
 
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from ssl_kit.errors import UserError
 from ssl_kit.evaluators.base import Evaluator
 from ssl_kit.evaluators.features import extract_features
 from ssl_kit.evaluators.results import format_summary, seed_summary, topk_accuracy, write_results
@@ -39,14 +40,14 @@ def set_drop_path(model: nn.Module, rate: float) -> int:
              for attr, _ in parent.named_children() if attr.startswith("drop_path")]
     blocks = list(dict.fromkeys(name for name, _, _ in sites))  # block names, in order, once each
     if rate > 0 and not blocks:
-        raise ValueError(f"drop_path_rate={rate}: {type(model).__name__} has no drop_path modules; use 0.")
+        raise UserError(f"drop_path_rate={rate}: {type(model).__name__} has no drop_path modules; use 0.")
     for name, parent, attr in sites:
         p = rate * blocks.index(name) / max(1, len(blocks) - 1)
         setattr(parent, attr, DropPath(p) if p > 0 else nn.Identity())
     return len(blocks)
 
 
-def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+def posterize_zero_safe(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
     """timm's posterize, where keeping 0 bits gives a black image (as in TF's RandAugment and
     Pillow < 13; Pillow >= 13 raises for bits=0)."""
     if bits_to_keep < 1:
@@ -65,7 +66,7 @@ def zero_bit_posterize_safe(transform: Callable) -> Callable:
         ops = list(getattr(t, "ops", ())) + [op for sub in getattr(t, "policy", ()) for op in sub]
         for op in ops:
             if getattr(op, "aug_fn", None) is auto_augment.posterize:
-                op.aug_fn = _posterize
+                op.aug_fn = posterize_zero_safe
     return transform
 
 
@@ -146,7 +147,7 @@ class FineTune(Evaluator):
         min_lr_ratio: float = 0.0,
     ) -> None:
         if layer_decay is not None and not 0 < layer_decay <= 1:
-            raise ValueError(f"layer_decay={layer_decay} is not allowed: use a value in (0, 1], or null to disable.")
+            raise UserError(f"layer_decay={layer_decay} is not allowed: use a value in (0, 1], or null to disable.")
         super().__init__(encoder, arch, img_size, results_file, with_lr_scale(optimizer), lr_scaling,
                          warmup_epochs, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
@@ -170,7 +171,7 @@ class FineTune(Evaluator):
             self.build_head(self.num_classes)
             if hp.mixup_alpha > 0 or hp.cutmix_alpha > 0:
                 if self.trainer.datamodule.batch_size % 2:
-                    raise ValueError(f"Mixup/CutMix pair each image with another: data.batch_size="
+                    raise UserError(f"Mixup/CutMix pair each image with another: data.batch_size="
                                      f"{self.trainer.datamodule.batch_size} must be even.")
                 self.mixup = Mixup(hp.mixup_alpha, hp.cutmix_alpha, label_smoothing=hp.label_smoothing,
                                    num_classes=self.num_classes)

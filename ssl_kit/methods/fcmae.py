@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ssl_kit.backbones.convnextv2_sparse import check_input, create_convnextv2, fcmae_init_, forward_sparse, total_stride
+from ssl_kit.errors import UserError
 from ssl_kit.heads.fcmae_decoder import FCMAEDecoder
 from ssl_kit.losses import masked_mse, pixel_targets, predictions_to_image
 from ssl_kit.masking.hierarchical import random_grid_mask
@@ -69,11 +70,11 @@ class FCMAE(SSLMethod):
         self.encoder.head.requires_grad_(False)
         self.patch_size = total_stride(self.encoder)
         if img_size % self.patch_size:
-            raise ValueError(f"img_size={img_size} is not divisible by the network's total stride "
+            raise UserError(f"img_size={img_size} is not divisible by the network's total stride "
                              f"{self.patch_size}; choose a multiple of {self.patch_size}.")
         self.grid = (img_size // self.patch_size, img_size // self.patch_size)
         if int(self.grid[0] * self.grid[1] * (1 - self.mask_ratio)) < 1:
-            raise ValueError(f"img_size={img_size} gives {self.grid[0] * self.grid[1]} patches of "
+            raise UserError(f"img_size={img_size} gives {self.grid[0] * self.grid[1]} patches of "
                              f"{self.patch_size} px; mask_ratio={mask_ratio} would keep none.")
         self.decoder = FCMAEDecoder(
             in_dim=self.encoder.num_features,
