@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ssl_kit.callbacks.report import COLUMNS, ENCODERS, top1
+from ssl_kit.errors import UserError
 
 #: Demo name -> (config, what the demo trains). EVA's teacher is the MAE demo's encoder.
 DEMOS = {
@@ -110,7 +111,7 @@ def demo(methods: list[str] | None = None, output: str = "runs/demo", fit_args: 
     names = list(methods or DEMOS)
     unknown = [n for n in names if n not in DEMOS]
     if unknown:
-        raise ValueError(f"unknown demo(s) {unknown}: choose from {list(DEMOS)}.")
+        raise UserError(f"unknown demo(s) {unknown}: choose from {list(DEMOS)}.")
     for name in list(names):  # a demo needs its teacher's run first
         if name in TEACHER_OF and TEACHER_OF[name] not in names:
             names.insert(names.index(name), TEACHER_OF[name])

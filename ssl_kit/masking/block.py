@@ -14,20 +14,21 @@ import math
 
 import torch
 from torch import Tensor
+from ssl_kit.errors import UserError
 
 
 def check_block_masking(grid: tuple[int, int], mask_ratio: float, min_num_patches: int, min_aspect: float) -> int:
     """Validate the arguments of :func:`block_masking` and return the target number of masked patches."""
     if not 0.0 < float(mask_ratio) < 1.0:
-        raise ValueError(f"mask_ratio={mask_ratio!r} is not allowed: it must lie strictly between 0 and 1.")
+        raise UserError(f"mask_ratio={mask_ratio!r} is not allowed: it must lie strictly between 0 and 1.")
     if not 0.0 < min_aspect <= 1.0:
-        raise ValueError(f"min_aspect={min_aspect!r} is not allowed: use 0 < min_aspect <= 1 (BEiT: 0.3).")
+        raise UserError(f"min_aspect={min_aspect!r} is not allowed: use 0 < min_aspect <= 1 (BEiT: 0.3).")
     if min_num_patches < 1:
-        raise ValueError(f"min_num_patches={min_num_patches!r} is not allowed: it must be >= 1 (BEiT: 16).")
+        raise UserError(f"min_num_patches={min_num_patches!r} is not allowed: it must be >= 1 (BEiT: 16).")
     h, w = grid
     target = int(round(mask_ratio * h * w))
     if target < min_num_patches:
-        raise ValueError(
+        raise UserError(
             f"mask_ratio={mask_ratio} of a {h}x{w} grid is {target} patches, fewer than one block of "
             f"min_num_patches={min_num_patches}: lower min_num_patches or raise mask_ratio."
         )

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ssl_kit.backbones.teacher import FrozenTeacher, TeacherConfig
 from ssl_kit.backbones.vit import create_vit
+from ssl_kit.errors import UserError
 from ssl_kit.losses import masked_negative_cosine
 from ssl_kit.masking.block import block_masking, check_block_masking
 from ssl_kit.methods.base import OptimizerCallable, SSLMethod, adamw
@@ -98,7 +99,7 @@ class EVA(SSLMethod):
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.head = nn.Linear(self.encoder.embed_dim, self.teacher.out_dim)
         if pooled_weight < 0:
-            raise ValueError(f"pooled_weight={pooled_weight} is not allowed: use 0 (off) or a positive weight.")
+            raise UserError(f"pooled_weight={pooled_weight} is not allowed: use 0 (off) or a positive weight.")
         self.pooled_head = nn.Linear(self.encoder.embed_dim, self.teacher.pooled_dim) if pooled_weight > 0 else None
 
     def build_encoder(self) -> nn.Module:
