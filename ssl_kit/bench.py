@@ -155,7 +155,7 @@ def device_peak_tflops(device: torch.device, precision: str) -> tuple[float, str
             if key in name:
                 return peak, f"{name} dense bf16 data sheet"
     dtype = torch.float32
-    if half and device.type == "cuda":
+    if half:  # a CPU with native bf16 runs bf16-mixed too (see auto_precision)
         dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
     return measured_matmul_tflops(device, dtype), f"measured {str(dtype).removeprefix('torch.')} matmul on {device.type}"
 

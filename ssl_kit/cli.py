@@ -29,6 +29,7 @@ EXTRA_COMMANDS = {
     "knn": "ssl_kit.evaluators.knn_job:knn",
     "bench": "ssl_kit.bench:bench",
     "aggregate": "ssl_kit.evaluators.results:aggregate",
+    "demo": "ssl_kit.demo:demo",
 }
 
 ENCODER_HELP = ("evaluation configs (eval/linear.yaml, eval/finetune.yaml): the encoder to evaluate, an ssl_kit "

@@ -55,6 +55,31 @@ def create_convnextv2(model_name: str, in_chans: int = 3, drop_path_rate: float 
     return model
 
 
+def fcmae_init_(model: ConvNeXt) -> ConvNeXt:
+    """Re-initialise a timm ConvNeXt V2 as the official FCMAE pretraining code does (its
+    ``_init_weights`` runs over the whole model after the encoder's own): depthwise convs,
+    per-position linears and the stem drawn from a truncated normal with std 1 (truncated at
+    +-2), downsampling convs std 0.02, every bias 0, LayerNorms (1, 0); GRN stays zero. timm's
+    default is std 0.02 everywhere. Returns ``model``.
+    """
+    for block in (b for stage in model.stages for b in stage.blocks):
+        for layer in (block.conv_dw, block.mlp.fc1, block.mlp.fc2):
+            nn.init.trunc_normal_(layer.weight.data.view(layer.weight.shape[0], -1), std=1.0, a=-2.0, b=2.0)
+            nn.init.zeros_(layer.bias)
+    stem = model.stem[0]
+    nn.init.trunc_normal_(stem.weight.data.view(stem.weight.shape[0], -1), std=1.0, a=-2.0, b=2.0)
+    nn.init.zeros_(stem.bias)
+    for stage in model.stages:
+        if not isinstance(stage.downsample, nn.Identity):
+            nn.init.trunc_normal_(stage.downsample[1].weight, std=0.02)
+            nn.init.zeros_(stage.downsample[1].bias)
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
 def _is_patch_conv(conv: nn.Module) -> bool:
     return isinstance(conv, nn.Conv2d) and conv.kernel_size == conv.stride and conv.padding == (0, 0)
 

@@ -232,26 +232,27 @@ class FrozenTeacher(nn.Module):
         self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
         self.input_size = native_input_size(self.model)
         with torch.inference_mode():
-            probe = self.tokens(torch.zeros(1, 3, *self.input_size))  # (1, D, h, w)
-        self.out_dim, self.grid = probe.shape[1], tuple(probe.shape[-2:])
+            probe, pooled = self.tokens(torch.zeros(1, 3, *self.input_size))  # (1, D, h, w), (1, D_pool)
+        self.out_dim, self.grid, self.pooled_dim = probe.shape[1], tuple(probe.shape[-2:]), pooled.shape[-1]
         self.eval()
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         return super().train(False)  # Lightning calls model.train() on the whole module each epoch
 
-    def tokens(self, x: Tensor) -> Tensor:
-        """The tower's final patch tokens (after its final norm) as a grid.
+    def tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The tower's final patch tokens (after its final norm) as a grid, and its pooled output
+        (what an evaluator reads from it: open_clip's image embedding, timm's pre-logits feature).
 
         Shapes:
-            x: (B, C, H, W) at the teacher's resolution and normalisation -> (B, D, h, w)
+            x: (B, C, H, W) at the teacher's resolution and normalisation -> (B, D, h, w), (B, D_pool)
         """
         if self.cfg.kind == "open_clip":
             out = self.model.forward_intermediates(x, indices=1, normalize_intermediates=True,
-                                                   intermediates_only=True, output_fmt="NCHW")
+                                                   intermediates_only=False, output_fmt="NCHW")
             grid = out["image_intermediates"][-1]  # (B, D, h, w)
-            return self._project(grid) if self.cfg.project else grid
-        return self.model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True,
-                                                output_fmt="NCHW")[-1]
+            return (self._project(grid) if self.cfg.project else grid), out["image_features"]
+        final, intermediates = self.model.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW")
+        return intermediates[-1], self.model.forward_head(final, pre_logits=True)
 
     def _project(self, grid: Tensor) -> Tensor:
         proj = getattr(self.model, "proj", None)
@@ -281,14 +282,24 @@ class FrozenTeacher(nn.Module):
         Shapes:
             imgs: (B, C, H, W), ImageNet-normalised -> (B, L, D) with L = grid[0] * grid[1]
         """
+        return self.targets(imgs, grid)[0]
+
+    def targets(self, imgs: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Targets for every student patch and the teacher's pooled feature (plain tensors).
+
+        Shapes:
+            imgs: (B, C, H, W), ImageNet-normalised -> (B, L, D) with L = grid[0] * grid[1], (B, D_pool)
+        """
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=imgs.is_cuda):
             x = imgs * self.scale + self.shift
             if tuple(x.shape[-2:]) != self.input_size:
                 x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False, antialias=True)
-            feats = self.tokens(x).float()  # (B, D, h, w)
+            feats, pooled = self.tokens(x)
+            feats = feats.float()  # (B, D, h, w)
             if tuple(feats.shape[-2:]) != tuple(grid):
                 feats = F.adaptive_avg_pool2d(feats, grid)  # (B, D, grid_h, grid_w)
             feats = feats.flatten(2).transpose(1, 2)  # (B, L, D)
             if self.cfg.normalize_targets:
                 feats = F.layer_norm(feats, feats.shape[-1:], eps=1e-6)
-        return feats.clone()  # a normal tensor: inference tensors cannot be saved for backward
+        # Normal tensors: inference tensors cannot be saved for backward.
+        return feats.clone(), pooled.float().clone()

@@ -87,6 +87,29 @@ def create_vit(
     return model
 
 
+def mae_init_(vit: VisionTransformer) -> VisionTransformer:
+    """Re-initialise a timm ViT as the MAE paper's code does (timm's default differs): every Linear
+    xavier-uniform with zero bias, the patch embedding xavier-uniform as a (D, p*p*C) matrix,
+    LayerNorms (1, 0), class/register tokens normal(std 0.02). Position embeddings are left as
+    they are (fixed sin-cos). Returns ``vit``.
+    """
+    for m in vit.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    proj = vit.patch_embed.proj.weight
+    nn.init.xavier_uniform_(proj.data.view(proj.shape[0], -1))  # (D, C*p*p): as the linear it is
+    for name in ("cls_token", "reg_token"):
+        token = getattr(vit, name, None)
+        if isinstance(token, nn.Parameter):
+            nn.init.normal_(token, std=0.02)
+    return vit
+
+
 def forward_visible(vit: VisionTransformer, imgs: Tensor, ids_keep: Tensor) -> Tensor:
     """Run the encoder on the kept patches only (plus its prefix tokens); no mask token enters.
 

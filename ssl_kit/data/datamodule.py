@@ -276,15 +276,21 @@ class _Transformed(Dataset):
 
 
 def _seeded(seed: int, fn: Callable, img):
-    """``fn(img)`` with torch and Python RNGs seeded by ``seed``; the caller's RNG states are kept."""
-    py_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            return fn(img)
-        finally:
-            random.setstate(py_state)
+    """``fn(img)`` with torch's CPU and Python RNGs seeded by ``seed``; the caller's RNG states are kept.
+
+    Goes through ``torch.default_generator`` rather than ``torch.manual_seed``/``fork_rng``: the
+    same CPU stream, but ~5 us instead of ~250 us per image (those also visit every accelerator
+    backend), which was most of the cost of a small image's augmentation.
+    """
+    gen = torch.default_generator
+    torch_state, py_state = gen.get_state(), random.getstate()
+    gen.manual_seed(seed)
+    random.seed(seed)
+    try:
+        return fn(img)
+    finally:
+        gen.set_state(torch_state)
+        random.setstate(py_state)
 
 
 def _base(subset: Subset) -> LabeledImages:

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
 
-from ssl_kit.backbones.convnextv2_sparse import check_input, create_convnextv2, forward_sparse, total_stride
+from ssl_kit.backbones.convnextv2_sparse import check_input, create_convnextv2, fcmae_init_, forward_sparse, total_stride
 from ssl_kit.errors import UserError
 from ssl_kit.heads.fcmae_decoder import FCMAEDecoder
 from ssl_kit.losses import masked_mse, pixel_targets, predictions_to_image
@@ -32,6 +32,8 @@ class FCMAE(SSLMethod):
         decoder_depth: decoder ConvNeXt V2 blocks (paper: 1).
         norm_pix_loss: regress per-patch normalised pixels (paper's setting).
         drop_path_rate: encoder stochastic depth.
+        init: ``fcmae``: the official FCMAE code's re-initialisation of the encoder
+            (:func:`~ssl_kit.backbones.convnextv2_sparse.fcmae_init_`); ``timm``: timm's default.
         crop_scale: RandomResizedCrop area range.
         optimizer, lr_scaling, warmup_epochs, min_lr_ratio: see :class:`SSLMethod`.
 
@@ -49,6 +51,7 @@ class FCMAE(SSLMethod):
         decoder_depth: int = 1,
         norm_pix_loss: bool = True,
         drop_path_rate: float = 0.0,
+        init: Literal["fcmae", "timm"] = "fcmae",
         crop_scale: tuple[float, float] = (0.2, 1.0),
         optimizer: OptimizerCallable = adamw,
         lr_scaling: bool = True,
@@ -84,7 +87,8 @@ class FCMAE(SSLMethod):
         hp = self.hparams
         kwargs = dict(drop_path_rate=hp.drop_path_rate)
         self.encoder_spec = (hp.model_name, kwargs)
-        return create_convnextv2(hp.model_name, **kwargs)
+        encoder = create_convnextv2(hp.model_name, **kwargs)
+        return fcmae_init_(encoder) if hp.init == "fcmae" else encoder
 
     def train_transform(self) -> Callable:
         return MaskedImageTransform(self.img_size, scale=self.crop_scale)
