@@ -28,7 +28,9 @@ from ssl_kit.callbacks import SpeedUp
 from ssl_kit.callbacks.speed import auto_precision
 from ssl_kit.cli import SSLCLI
 from ssl_kit.data import SSLDataModule
+from ssl_kit.errors import UserError
 from ssl_kit.methods import SSLMethod
+from ssl_kit.run_dir import writable_file
 
 #: Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, matched in order against
 #: ``torch.cuda.get_device_name()``; vendor data sheets.
@@ -153,7 +155,7 @@ def device_peak_tflops(device: torch.device, precision: str) -> tuple[float, str
             if key in name:
                 return peak, f"{name} dense bf16 data sheet"
     dtype = torch.float32
-    if half and device.type == "cuda":
+    if half:  # a CPU with native bf16 runs bf16-mixed too (see auto_precision)
         dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
     return measured_matmul_tflops(device, dtype), f"measured {str(dtype).removeprefix('torch.')} matmul on {device.type}"
 
@@ -168,7 +170,7 @@ def peak_memory_gib(device: torch.device) -> tuple[float, str]:
 def run_bench(cfg: Namespace) -> dict[str, Any]:
     """Time ``cfg.steps`` training steps of the config's model; returns the figures."""
     if cfg.warmup_steps < 0 or cfg.steps <= cfg.warmup_steps:
-        raise ValueError(f"--steps {cfg.steps} must exceed --warmup_steps {cfg.warmup_steps} (>= 0).")
+        raise UserError(f"--steps {cfg.steps} must exceed --warmup_steps {cfg.warmup_steps} (>= 0).")
     accelerator = cfg.trainer.accelerator
     on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -236,12 +238,11 @@ def bench(argv: list[str]) -> dict[str, Any]:
             auto_configure_optimizers=False, run=False, args=argv,
         )
     cfg = cli.config
-    result = run_bench(cfg)
     configs = cfg.get("config") or []
     stem = Path(str(configs[0])).stem if configs else "bench"
+    output = writable_file(Path(cfg.output or f"runs/bench/{stem}.json"), "the benchmark results", "pass --output")
+    result = run_bench(cfg)
     result["config"] = [str(c) for c in configs]
-    output = Path(cfg.output or f"runs/bench/{stem}.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(_report(result))
     print(f"wrote {output}")

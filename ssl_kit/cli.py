@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import CLI
+import yaml
+from jsonargparse import ArgumentParser, auto_cli
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from ssl_kit.callbacks import NaNGuard, RunCheckpoint, SpeedUp
+from ssl_kit.callbacks.resume_guard import ResumeGuard
 from ssl_kit.callbacks.speed import auto_precision
 from ssl_kit.data import SSLDataModule
+from ssl_kit.errors import UserError, parse_error_line, user_errors
 from ssl_kit.methods import SSLMethod
+from ssl_kit.run_dir import (  # noqa: F401  (re-exported: the resume helpers lived here)
+    CHECKPOINT_SUFFIXES, RESUME_IF_EXISTS, RESUME_LAST, newest_checkpoint, resume_checkpoint, slurm_requeued,
+    writable_dir,
+)
+from ssl_kit.run_lock import claim_run_dir, release_claims
 
 #: Jobs that are not Trainer methods: name -> "module:function", each run through jsonargparse.
 EXTRA_COMMANDS = {
@@ -23,9 +30,8 @@ EXTRA_COMMANDS = {
     "bench": "ssl_kit.bench:bench",
     "aggregate": "ssl_kit.evaluators.results:aggregate",
     "shard": "ssl_kit.data.shard_writer:shard",
+    "demo": "ssl_kit.demo:demo",
 }
-
-CHECKPOINT_SUFFIXES = (".ckpt",)
 
 ENCODER_HELP = ("evaluation configs (eval/linear.yaml, eval/finetune.yaml): the encoder to evaluate, an ssl_kit "
                 ".ckpt, an exported .safetensors, an official MAE/ConvNeXt V2 .pth or a timm name (random init); "
@@ -33,70 +39,67 @@ ENCODER_HELP = ("evaluation configs (eval/linear.yaml, eval/finetune.yaml): the 
 
 
 class RunDirConfig(SaveConfigCallback):
-    """Saves the resolved config beside the checkpoints, never over an earlier one."""
+    """Records the resolved config beside the checkpoints when training starts.
+
+    The first segment of a run writes ``config.yaml``; a resumed segment writes
+    ``config.step=NNNNNN.yaml``, NNNNNN being the global step it resumed at, so each checkpoint is
+    described by the config with the largest step not above its own. A start that fails before
+    training (bad value, corrupt checkpoint, refused resume) writes nothing.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs["save_to_log_dir"] = False
         super().__init__(*args, **kwargs)
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        pass  # not yet: the checkpoint is restored (and may be refused) after setup
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, "fit")
+
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        run_dir = Path(trainer.default_root_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path, n = run_dir / "config.yaml", 1
-        while path.exists():  # a resumed run keeps the original config and adds config.N.yaml
-            path, n = run_dir / f"config.{n}.yaml", n + 1
-        self.parser.save(self.config, str(path), skip_none=False, multifile=False)
+        run_dir, step = Path(trainer.default_root_dir), trainer.global_step
+        path = run_dir / ("config.yaml" if step == 0 else f"config.step={step:06d}.yaml")
+        origin = f"resumed at global step {step} from {trainer.ckpt_path}" if step else "started at global step 0"
+        text = f"# {origin}\n" + self.parser.dump(self.config, skip_none=False)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
-#: ``--ckpt_path`` values that resume from the run directory (see ``resume_checkpoint``).
-RESUME_LAST, RESUME_IF_EXISTS = "last", "last_if_exists"
+class OneLineErrors:
+    """Parser mix-in: a parse error is one line naming the key and what is allowed (no usage dump;
+    ``--help`` lists every option), exit code 2."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        self._logger.error(message)
+        print(f"error: {parse_error_line(message)}", file=sys.stderr, flush=True)
+        self.exit(2)
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The newer of ``last.ckpt`` and Lightning's SLURM ``hpc_ckpt_N.ckpt`` in ``run_dir``, if any."""
-    found = [p for p in [run_dir / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+class OneLineLightningParser(OneLineErrors, LightningArgumentParser):
+    """``LightningArgumentParser`` with one-line errors."""
 
 
-def slurm_requeued() -> bool:
-    """True in a SLURM job that was requeued (SLURM sets ``SLURM_RESTART_COUNT`` >= 1)."""
-    return "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
-
-
-def resume_checkpoint(run_dir: Path, ckpt_path: str | None) -> str | None:
-    """Resolve ``--ckpt_path`` for ``fit``: a file path, or None for a fresh start.
-
-    ``last`` must find a checkpoint (no silent fresh start); ``last_if_exists`` resumes if it can;
-    a requeued SLURM job without ``--ckpt_path`` behaves like ``last_if_exists``.
-    """
-    if ckpt_path is None and slurm_requeued():
-        ckpt_path = RESUME_IF_EXISTS
-    if ckpt_path not in (RESUME_LAST, RESUME_IF_EXISTS):
-        return ckpt_path
-    found = newest_checkpoint(run_dir)
-    if found is None and ckpt_path == RESUME_LAST:
-        raise SystemExit(f"error: --ckpt_path last: no {run_dir / 'last.ckpt'} (or hpc_ckpt_*.ckpt) to resume "
-                         f"from. Check --trainer.default_root_dir, or pass --ckpt_path last_if_exists to start "
-                         f"fresh when there is nothing to resume.")
-    print(f"resuming from {found}" if found else f"--ckpt_path {ckpt_path}: no checkpoint in {run_dir}, starting fresh")
-    return str(found) if found else None
-
-
-def fresh_run_dir(run_dir: Path) -> Path:
-    """``run_dir`` itself if it holds no checkpoint, else the first free ``run_dir-N``."""
-    candidate, n = run_dir, 1
-    while candidate.is_dir() and any(p.suffix in CHECKPOINT_SUFFIXES for p in candidate.iterdir()):
-        candidate, n = run_dir.with_name(f"{run_dir.name}-{n}"), n + 1
-    return candidate
+class OneLineParser(OneLineErrors, ArgumentParser):
+    """jsonargparse ``ArgumentParser`` with one-line errors (the extra jobs: export, knn, ...)."""
 
 
 class SSLCLI(LightningCLI):
     """LightningCLI with ssl_kit's run directory: checkpoints, config and logs in one place."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("parser_class", OneLineLightningParser)
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SpeedUp, "speed")
         parser.add_lightning_class_args(NaNGuard, "nan_guard")
+        parser.add_lightning_class_args(ResumeGuard, "resume")
         parser.set_defaults({"trainer.default_root_dir": "runs/default"})
         parser.add_argument("--encoder", type=Optional[str], default=None, help=ENCODER_HELP)
 
@@ -106,23 +109,19 @@ class SSLCLI(LightningCLI):
             return
         init_args = config.model.get("init_args")
         if init_args is None or "encoder" not in init_args:
-            raise SystemExit(f"error: --encoder applies to evaluation configs (eval/*.yaml); "
-                             f"{config.model.get('class_path')} takes no encoder argument.")
+            raise UserError(f"--encoder applies to evaluation configs (eval/*.yaml); "
+                            f"{config.model.get('class_path')} takes no encoder argument.")
         init_args.encoder = config.encoder
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         self._apply_encoder_flag(config)
         run_dir = Path(config.trainer.default_root_dir)
-        if self.subcommand == "fit":
-            resuming = config.get("ckpt_path") in (RESUME_LAST, RESUME_IF_EXISTS) or slurm_requeued()
-            config.ckpt_path = resume_checkpoint(run_dir, config.get("ckpt_path"))
-            if config.ckpt_path is None and not resuming:
-                new_dir = fresh_run_dir(run_dir)
-                if new_dir != run_dir:
-                    print(f"{run_dir} already holds checkpoints; starting a new run in {new_dir} "
-                          f"(to resume instead, pass --ckpt_path last)")
-                run_dir = new_dir
+        if self.subcommand == "fit":  # locked before any long work: the lock file proves it writable
+            claim = claim_run_dir(run_dir, config.get("ckpt_path"))
+            run_dir, config.ckpt_path = claim.run_dir, claim.ckpt_path
+        else:
+            writable_dir(run_dir, "logs")
         config.trainer.default_root_dir = str(run_dir)
         if config.trainer.precision is None:  # unset = auto: bf16-mixed on a bf16 GPU, else 32-true
             config.trainer.precision = auto_precision(config.trainer.accelerator)
@@ -135,24 +134,25 @@ class SSLCLI(LightningCLI):
             }
         print(f"run directory: {run_dir}")
 
-    def instantiate_classes(self) -> None:
-        with user_errors():
-            super().instantiate_classes()
-
     def before_fit(self) -> None:
         # Scan the data before any long work so a bad root or empty folder fails at once.
-        with user_errors():
-            self.datamodule.check()
+        self.datamodule.check()
 
 
-@contextmanager
-def user_errors():
-    """Turn configuration errors (bad values, missing files) into one clean line, exit code 2."""
-    try:
-        yield
-    except (ValueError, FileNotFoundError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+def check_yaml_configs(argv: list[str]) -> None:
+    """Parse every ``--config FILE`` as YAML first, so a syntax error names its file and line."""
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for name in files:
+        try:
+            yaml.safe_load(Path(name).read_text())
+        except OSError:
+            continue  # missing files: the parser names them
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise UserError(f"{name}:{where}: YAML syntax error: {problem}") from None
 
 
 def run_extra(name: str, argv: list[str]) -> None:
@@ -162,7 +162,8 @@ def run_extra(name: str, argv: list[str]) -> None:
     with user_errors():
         if getattr(fn, "parses_own_args", False):  # e.g. bench: takes fit's config and --model.* flags
             return fn(argv)
-        CLI(fn, args=argv, as_positional=True)
+        check_yaml_configs(argv)
+        auto_cli(fn, args=argv, as_positional=True, parser_class=OneLineParser)
 
 
 HELP_HEADER = """usage: python -m ssl_kit {fit,validate,test,predict,%s} ...
@@ -186,14 +187,19 @@ def main(argv: list[str] | None = None) -> None:
         print(HELP_HEADER % (",".join(EXTRA_COMMANDS), extras))
         if not argv:
             raise SystemExit(2)
-    SSLCLI(
-        SSLMethod,
-        SSLDataModule,
-        subclass_mode_model=True,
-        save_config_callback=RunDirConfig,
-        auto_configure_optimizers=False,
-        args=argv if from_python else None,
-    )
+    try:
+        with user_errors():
+            check_yaml_configs(argv)
+            SSLCLI(
+                SSLMethod,
+                SSLDataModule,
+                subclass_mode_model=True,
+                save_config_callback=RunDirConfig,
+                auto_configure_optimizers=False,
+                args=argv if from_python else None,
+            )
+    finally:
+        release_claims()
 
 
 def _summary(name: str) -> str:

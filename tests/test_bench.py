@@ -14,7 +14,7 @@ from ssl_kit.cli import main
 TINY_OVERRIDES = [
     "--data.batch_size", "4", "--steps", "3", "--warmup_steps", "1",
     "--model.init_args.decoder_embed_dim", "64", "--model.init_args.decoder_depth", "1",
-    "--model.init_args.decoder_num_heads", "2",
+    "--model.init_args.decoder_num_heads", "2", "--trainer.precision", "32-true",
 ]
 
 
@@ -71,7 +71,7 @@ def test_bench_cpu_figures_and_flops_match_analytic(tmp_path, capsys, one_thread
     from ssl_kit.methods import MAE
 
     model = MAE("vit_tiny_patch16_224", img_size=32, patch_size=4, decoder_embed_dim=64, decoder_depth=1,
-                decoder_num_heads=2)
+                decoder_num_heads=2, encoder_kwargs=dict(embed_dim=128, depth=6, num_heads=4))  # the demo's ViT
     expected = mae_train_step_flops(model)
     assert result["flops_per_img"] == pytest.approx(expected, rel=0.05)
 

@@ -66,6 +66,26 @@ def test_bad_data_arguments(kwargs, message):
         SSLDataModule(**kwargs)
 
 
+def test_seeded_transform_draws_as_torch_manual_seed_and_restores_the_caller_rng():
+    """The fast per-sample seeding (default generator, not torch.manual_seed) gives the same views
+    as seeding torch and Python globally, and leaves the caller's RNG streams where they were."""
+    import random
+
+    from ssl_kit.data.datamodule import _seeded
+    from ssl_kit.views import MaskedImageTransform
+
+    img = Digits(32).load(3)
+    t = MaskedImageTransform(32, scale=(0.2, 1.0))
+    torch.manual_seed(123), random.seed(123)
+    before = (torch.rand(1), random.random())
+    torch.manual_seed(123), random.seed(123)
+    views = [_seeded(s, t, img) for s in (7, 8, 7)]
+    assert (torch.rand(1), random.random()) == before  # caller streams untouched
+    torch.manual_seed(7), random.seed(7)
+    assert torch.equal(views[0], t(img)) and torch.equal(views[0], views[2])
+    assert not torch.equal(views[0], views[1])
+
+
 # --- the training sampler across ranks ---------------------------------------------------------
 def _batches(sampler, batch_size: int) -> list[list[int]]:
     indices = [i for i, _ in sampler]

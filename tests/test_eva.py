@@ -67,7 +67,9 @@ def test_block_masks_reach_ratio_in_contiguous_blocks_different_per_sample():
     for sample in mask.view(64, *grid).numpy():
         labels, n = ndimage.label(sample)  # 4-connected regions of masked patches
         sizes = ndimage.sum(sample, labels, range(1, n + 1))
-        assert sizes.min() >= min_patches, "every region must hold at least one whole block"
+        assert sizes.max() >= min_patches, "the first block holds at least min_num_patches"
+        # As in BEiT, blocks below min_num_patches are drawn only to top up the last few patches.
+        assert sizes[sizes < min_patches].sum() < min_patches
     assert len({tuple(m.tolist()) for m in mask}) == 64
 
 
@@ -219,7 +221,7 @@ def test_student_sees_mask_tokens_at_masked_positions_only(clip_files):
     assert torch.allclose(out, out_perturbed, atol=1e-5), "a masked patch's pixels must not reach the student"
     # Evaluators read the mean of the same final-norm patch tokens the loss trains.
     with torch.no_grad():
-        assert torch.allclose(model.extract_features(imgs), model.forward_student(imgs, torch.zeros(2, 64)).mean(1), atol=1e-5)
+        assert torch.allclose(model.extract_features(imgs), model.forward_student(imgs, torch.zeros(2, 64))[:, 1:].mean(1), atol=1e-5)
 
 
 # --- CLI -------------------------------------------------------------------------------------

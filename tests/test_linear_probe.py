@@ -143,12 +143,13 @@ def test_train_and_val_class_lists_must_match(tmp_path):
     assert check_classification_data(dm) == 3
 
 
-def test_encoder_flag_is_refused_by_pretraining_configs():
+def test_encoder_flag_is_refused_by_pretraining_configs(capsys):
     from ssl_kit.cli import main
 
-    with pytest.raises(SystemExit, match="--encoder applies to evaluation configs"):
+    with pytest.raises(SystemExit) as error:
         main(["fit", "--config", str(REPO / "configs/demo/mae.yaml"), "--encoder", "vit_tiny_patch16_224",
               "--trainer.default_root_dir", "/nonexistent/never-created"])
+    assert error.value.code == 2 and "--encoder applies to evaluation configs" in capsys.readouterr().err
 
 
 # Before ssl_kit.evaluators.load exists (parallel branch), the subprocess gets the test stand-in.
@@ -189,10 +190,11 @@ def test_eval_report_adds_linear_probe_for_both_encoders(tiny_mae, tmp_path, mon
     architecture (never the trained weights again)."""
     from ssl_kit.callbacks import EvalReport
 
-    seen = []
-    evaluate = EvalReport.evaluate
-    monkeypatch.setattr(EvalReport, "evaluate", lambda self, module, dm: seen.append(
-        {k: v.detach().clone() for k, v in module.encoder.state_dict().items()}) or evaluate(self, module, dm))
+    seen = []  # the encoder behind each frozen-feature row (pixels have none)
+    scores = EvalReport.frozen_scores
+    monkeypatch.setattr(EvalReport, "frozen_scores", lambda self, encode, module, dm: seen.append(
+        {k: v.detach().clone() for k, v in encode.__self__.encoder.state_dict().items()}
+        if hasattr(encode, "__self__") else None) or scores(self, encode, module, dm))
     initial = {k: v.detach().clone() for k, v in tiny_mae.encoder.state_dict().items()}
     dm = SSLDataModule("synthetic", synthetic_size=20, batch_size=8, eval_batch_size=20, num_workers=0)
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -204,7 +206,8 @@ def test_eval_report_adds_linear_probe_for_both_encoders(tiny_mae, tmp_path, mon
     for encoder in ("pretrained", "random_init"):
         assert set(report[encoder]) == {"knn", "linear"} and 0 <= report[encoder]["linear"]["top1"] <= 100
 
-    pretrained, baseline = seen
+    pretrained, baseline, pixels = seen
+    assert pixels is None
     trained = tiny_mae.encoder.state_dict()
     assert all(torch.equal(pretrained[k], v) for k, v in trained.items())
     assert not torch.equal(trained["blocks.0.attn.qkv.weight"], initial["blocks.0.attn.qkv.weight"])

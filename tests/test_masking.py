@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from ssl_kit.masking import random_masking
+from ssl_kit.masking import block_masking, random_masking
 from ssl_kit.masking.random import gather_tokens
 
 
@@ -42,3 +43,15 @@ def test_generator_makes_masks_reproducible():
     a = random_masking(64, 0.75, 4, generator=torch.Generator().manual_seed(1))[1]
     b = random_masking(64, 0.75, 4, generator=torch.Generator().manual_seed(1))[1]
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grid, min_num_patches", [((8, 8), 16), ((14, 14), 16), ((8, 8), 8)])
+def test_block_masks_reach_the_target_ratio_and_never_leave_a_sample_unmasked(grid, min_num_patches):
+    """BEiT-style blocks with rounded sides: the mean masked fraction is within 2% of the target
+    count (ceil-rounded sides reached only ~92% on small grids) and every sample is masked."""
+    mask = block_masking(grid, 0.4, 4000, min_num_patches, generator=torch.Generator().manual_seed(0))
+    target = round(0.4 * grid[0] * grid[1])
+    counts = mask.sum(1)  # (B,)
+    assert counts.mean().item() >= 0.98 * target
+    assert counts.max().item() <= target  # never overshoots
+    assert counts.min().item() >= min(min_num_patches, target) * 0.5 and bool((counts > 0).all())

@@ -21,6 +21,7 @@ from conftest import REPO, TINY_MAE, assert_ok, run_cli
 from ssl_kit.callbacks import NaNGuard, NonFiniteLossError, RunCheckpoint, SafeCheckpointIO
 from ssl_kit.cli import resume_checkpoint
 from ssl_kit.data import SSLDataModule
+from ssl_kit.errors import MissingFileError
 from ssl_kit.export import load_checkpoint
 from ssl_kit.methods import MAE
 
@@ -35,7 +36,7 @@ def trainer(run_dir: Path, callbacks: list, max_epochs: int = 2) -> pl.Trainer:
 # --- 2. no silent fresh start ---------------------------------------------------------------
 def test_last_without_checkpoint_is_an_error_unless_if_exists(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    with pytest.raises(SystemExit, match="no .*last.ckpt.* to resume from.*last_if_exists"):
+    with pytest.raises(MissingFileError, match="no good checkpoint .*last.ckpt.* to resume from.*last_if_exists"):
         resume_checkpoint(tmp_path, "last")
     assert resume_checkpoint(tmp_path, "last_if_exists") is None  # asked for "if possible": fresh start
     torch.save({}, tmp_path / "last.ckpt")
@@ -54,11 +55,15 @@ def test_last_without_checkpoint_is_an_error_unless_if_exists(tmp_path, monkeypa
     ({"last.ckpt": 2, "hpc_ckpt_1.ckpt": 1}, "last.ckpt"),
     ({"last.ckpt": 1, "hpc_ckpt_1.ckpt": 2}, "hpc_ckpt_1.ckpt"),
     ({"last.ckpt": 2, "hpc_ckpt_1.ckpt": 1, "hpc_ckpt_2.ckpt": 3}, "hpc_ckpt_2.ckpt"),
-    ({"last.ckpt": 3, "hpc_ckpt_1.ckpt": 1, "hpc_ckpt_2.ckpt": 2, "epoch=0009.ckpt": 4}, "last.ckpt"),
-    ({"epoch=0009.ckpt": 1}, None),
+    ({"last.ckpt": 3, "hpc_ckpt_1.ckpt": 1, "hpc_ckpt_2.ckpt": 2, "epoch=0009.ckpt": 4}, "epoch=0009.ckpt"),
+    ({"last.ckpt": 4, "hpc_ckpt_1.ckpt": 1, "epoch=0009.ckpt": 3}, "last.ckpt"),
+    ({"epoch=0009.ckpt": 1}, "epoch=0009.ckpt"),
     ({}, None),
-], ids=["only-last", "only-hpc", "last-newer", "hpc-newer", "newest-of-two-hpc", "numbered-ignored", "only-numbered", "none"])
-def test_resume_picks_the_newest_of_last_and_hpc_checkpoints(tmp_path, files, newest):
+], ids=["only-last", "only-hpc", "last-newer", "hpc-newer", "newest-of-two-hpc", "numbered-newest", "numbered-older",
+        "only-numbered", "none"])
+def test_resume_picks_the_newest_checkpoint_of_the_run_directory(tmp_path, files, newest):
+    """last.ckpt, hpc_ckpt_N.ckpt and epoch=NNNN.ckpt all count; the newest (here: the highest
+    global step, saved in that order) is resumed from."""
     for name, age_rank in files.items():  # modification times 1000 s apart, in the given order
         torch.save({"global_step": age_rank}, tmp_path / name)
         os.utime(tmp_path / name, (1_700_000_000 + 1000 * age_rank,) * 2)

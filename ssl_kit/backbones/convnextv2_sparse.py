@@ -30,6 +30,7 @@ from timm.models.convnext import ConvNeXt
 from torch import Tensor, nn
 
 from ssl_kit.backbones.timm_names import check_timm_name
+from ssl_kit.errors import UserError
 from ssl_kit.losses.pixel import patchify
 from ssl_kit.masking.hierarchical import kept_indices, upsample_mask
 
@@ -46,11 +47,36 @@ def create_convnextv2(model_name: str, in_chans: int = 3, drop_path_rate: float 
     check_timm_name(model_name)
     if not model_name.startswith("convnextv2_"):
         names = ", ".join(sorted(timm.list_models("convnextv2_*")))
-        raise ValueError(f"{model_name!r} is not a ConvNeXt V2; FCMAE needs one of timm's convnextv2_* models: {names}.")
+        raise UserError(f"{model_name!r} is not a ConvNeXt V2; FCMAE needs one of timm's convnextv2_* models: {names}.")
     model = timm.create_model(
         model_name, pretrained=False, num_classes=0, in_chans=in_chans, drop_path_rate=drop_path_rate, **kwargs
     )
     check_sparse_layout(model)
+    return model
+
+
+def fcmae_init_(model: ConvNeXt) -> ConvNeXt:
+    """Re-initialise a timm ConvNeXt V2 as the official FCMAE pretraining code does (its
+    ``_init_weights`` runs over the whole model after the encoder's own): depthwise convs,
+    per-position linears and the stem drawn from a truncated normal with std 1 (truncated at
+    +-2), downsampling convs std 0.02, every bias 0, LayerNorms (1, 0); GRN stays zero. timm's
+    default is std 0.02 everywhere. Returns ``model``.
+    """
+    for block in (b for stage in model.stages for b in stage.blocks):
+        for layer in (block.conv_dw, block.mlp.fc1, block.mlp.fc2):
+            nn.init.trunc_normal_(layer.weight.data.view(layer.weight.shape[0], -1), std=1.0, a=-2.0, b=2.0)
+            nn.init.zeros_(layer.bias)
+    stem = model.stem[0]
+    nn.init.trunc_normal_(stem.weight.data.view(stem.weight.shape[0], -1), std=1.0, a=-2.0, b=2.0)
+    nn.init.zeros_(stem.bias)
+    for stage in model.stages:
+        if not isinstance(stage.downsample, nn.Identity):
+            nn.init.trunc_normal_(stage.downsample[1].weight, std=0.02)
+            nn.init.zeros_(stage.downsample[1].bias)
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
     return model
 
 
@@ -77,7 +103,7 @@ def check_sparse_layout(model: nn.Module) -> None:
                     problems.append(f"stage {i} has a block without GRN, stride 1 and identity shortcut")
                     break
     if problems:
-        raise ValueError(f"the sparse ConvNeXt V2 forward cannot run this model: {'; '.join(problems)}.")
+        raise UserError(f"the sparse ConvNeXt V2 forward cannot run this model: {'; '.join(problems)}.")
 
 
 def total_stride(model: ConvNeXt) -> int:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_kit.errors import MissingFileError, UserError
 from ssl_kit.views import IMAGENET_MEAN, IMAGENET_STD
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -79,19 +80,19 @@ class TeacherConfig:
 def check_teacher_source(cfg: TeacherConfig) -> None:
     """Refuse to start without teacher weights, naming the file looked for."""
     if cfg.kind not in ("open_clip", "encoder"):
-        raise ValueError(f"teacher.kind={cfg.kind!r} is not allowed: use 'open_clip' or 'encoder'.")
+        raise UserError(f"teacher.kind={cfg.kind!r} is not allowed: use 'open_clip' or 'encoder'.")
     if cfg.checkpoint is not None and cfg.random_init:
-        raise ValueError(f"teacher.checkpoint={cfg.checkpoint!r} and teacher.random_init=true contradict "
+        raise UserError(f"teacher.checkpoint={cfg.checkpoint!r} and teacher.random_init=true contradict "
                          "each other: unset one of them.")
     if cfg.checkpoint is None and not cfg.random_init:
-        raise ValueError("no teacher weights: set teacher.checkpoint to a local weights file (nothing is "
+        raise UserError("no teacher weights: set teacher.checkpoint to a local weights file (nothing is "
                          "downloaded); teacher.random_init=true gives a random teacher, for smoke tests only.")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).is_file():
         hint = ""
         if "runs/demo/mae" in Path(cfg.checkpoint).as_posix():
             hint = (" The EVA demo distils the MAE demo's encoder: run "
                     "`python -m ssl_kit fit --config configs/demo/mae.yaml` first.")
-        raise FileNotFoundError(f"teacher weights not found: teacher.checkpoint={cfg.checkpoint!r} is not a "
+        raise MissingFileError(f"teacher weights not found: teacher.checkpoint={cfg.checkpoint!r} is not a "
                                 f"file (looked for {Path(cfg.checkpoint).resolve()}).{hint}")
 
 
@@ -101,20 +102,20 @@ def open_clip_name(model_name: str | None) -> str:
     import open_clip
 
     if not model_name:
-        raise ValueError("teacher.model_name is required for teacher.kind='open_clip' (e.g. 'ViT-L-14').")
+        raise UserError("teacher.model_name is required for teacher.kind='open_clip' (e.g. 'ViT-L-14').")
     if model_name.endswith(".json"):
         path = Path(model_name)
         if not path.is_file():
-            raise FileNotFoundError(f"teacher.model_name={model_name!r}: no such open_clip model-config file.")
+            raise MissingFileError(f"teacher.model_name={model_name!r}: no such open_clip model-config file.")
         open_clip.add_model_config(path)
         model_name = path.stem
     if ":" in model_name:
-        raise ValueError(f"teacher.model_name={model_name!r}: schema names (hf-hub:, local-dir:) are not "
+        raise UserError(f"teacher.model_name={model_name!r}: schema names (hf-hub:, local-dir:) are not "
                          "allowed; give a built-in open_clip name and teacher.checkpoint (a local file).")
     known = open_clip.list_models()
     if model_name not in known:
         close = difflib.get_close_matches(model_name, known, n=8, cutoff=0.5)
-        raise ValueError(f"unknown open_clip model name teacher.model_name={model_name!r}. Close names: "
+        raise UserError(f"unknown open_clip model name teacher.model_name={model_name!r}. Close names: "
                          f"{', '.join(close) or 'none'}. All names: open_clip.list_models().")
     return model_name
 
@@ -130,7 +131,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"teacher.checkpoint={str(path)!r} is not a plain tensor state dict that loads "
+            raise UserError(f"teacher.checkpoint={str(path)!r} is not a plain tensor state dict that loads "
                              f"with weights_only=True (TorchScript archives such as OpenAI's .pt are not: "
                              f"save model.state_dict() instead). {type(err).__name__}: "
                              f"{str(err).splitlines()[0]}") from err
@@ -153,7 +154,7 @@ def load_tower_weights(tower: nn.Module, state: dict[str, Tensor], source: str) 
         def few(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
-        raise ValueError(f"teacher weights {source} do not match the model: missing keys: {few(missing) or '-'}; "
+        raise UserError(f"teacher weights {source} do not match the model: missing keys: {few(missing) or '-'}; "
                          f"unexpected keys: {few(unexpected) or '-'}; shape mismatches: {few(shapes) or '-'}.")
     tower.load_state_dict(state)
 
@@ -179,7 +180,7 @@ def encoder_tower(cfg: TeacherConfig) -> nn.Module:
         import timm
 
         if not cfg.model_name or not timm.is_model(cfg.model_name):
-            raise ValueError(f"teacher.model_name={cfg.model_name!r} is not a timm model name; a random "
+            raise UserError(f"teacher.model_name={cfg.model_name!r} is not a timm model name; a random "
                              "encoder teacher needs one.")
         return timm.create_model(cfg.model_name, pretrained=False, num_classes=0)
     from ssl_kit.evaluators.load import load_encoder  # lazy: only this teacher kind needs the evaluators
@@ -231,26 +232,27 @@ class FrozenTeacher(nn.Module):
         self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
         self.input_size = native_input_size(self.model)
         with torch.inference_mode():
-            probe = self.tokens(torch.zeros(1, 3, *self.input_size))  # (1, D, h, w)
-        self.out_dim, self.grid = probe.shape[1], tuple(probe.shape[-2:])
+            probe, pooled = self.tokens(torch.zeros(1, 3, *self.input_size))  # (1, D, h, w), (1, D_pool)
+        self.out_dim, self.grid, self.pooled_dim = probe.shape[1], tuple(probe.shape[-2:]), pooled.shape[-1]
         self.eval()
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         return super().train(False)  # Lightning calls model.train() on the whole module each epoch
 
-    def tokens(self, x: Tensor) -> Tensor:
-        """The tower's final patch tokens (after its final norm) as a grid.
+    def tokens(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The tower's final patch tokens (after its final norm) as a grid, and its pooled output
+        (what an evaluator reads from it: open_clip's image embedding, timm's pre-logits feature).
 
         Shapes:
-            x: (B, C, H, W) at the teacher's resolution and normalisation -> (B, D, h, w)
+            x: (B, C, H, W) at the teacher's resolution and normalisation -> (B, D, h, w), (B, D_pool)
         """
         if self.cfg.kind == "open_clip":
             out = self.model.forward_intermediates(x, indices=1, normalize_intermediates=True,
-                                                   intermediates_only=True, output_fmt="NCHW")
+                                                   intermediates_only=False, output_fmt="NCHW")
             grid = out["image_intermediates"][-1]  # (B, D, h, w)
-            return self._project(grid) if self.cfg.project else grid
-        return self.model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True,
-                                                output_fmt="NCHW")[-1]
+            return (self._project(grid) if self.cfg.project else grid), out["image_features"]
+        final, intermediates = self.model.forward_intermediates(x, indices=1, norm=True, output_fmt="NCHW")
+        return intermediates[-1], self.model.forward_head(final, pre_logits=True)
 
     def _project(self, grid: Tensor) -> Tensor:
         proj = getattr(self.model, "proj", None)
@@ -261,14 +263,14 @@ class FrozenTeacher(nn.Module):
             # open_clip TimmModel (EVA02-*): the trunk's classifier and the adapter head, per token.
             per_token = nn.Sequential(trunk.get_classifier(), head)
             return per_token(grid.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        raise ValueError(f"teacher.project=true: the {type(self.model).__name__} tower of "
+        raise UserError(f"teacher.project=true: the {type(self.model).__name__} tower of "
                          f"{self.cfg.model_name!r} has no per-token projection; set teacher.project=false.")
 
     def check_grid(self, grid: tuple[int, int]) -> None:
         """Raise unless the teacher's token grid can be pooled onto the student's ``grid``."""
         (th, tw), (sh, sw) = self.grid, grid
         if th < sh or tw < sw:
-            raise ValueError(
+            raise UserError(
                 f"teacher grid {th}x{tw} (at {self.input_size[0]}x{self.input_size[1]} px) is coarser than the "
                 f"student's {sh}x{sw}: its targets would be interpolated, not measured. Use a student with "
                 f"fewer patches (larger patch_size or smaller img_size) or a teacher with a finer grid."
@@ -280,14 +282,24 @@ class FrozenTeacher(nn.Module):
         Shapes:
             imgs: (B, C, H, W), ImageNet-normalised -> (B, L, D) with L = grid[0] * grid[1]
         """
+        return self.targets(imgs, grid)[0]
+
+    def targets(self, imgs: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Targets for every student patch and the teacher's pooled feature (plain tensors).
+
+        Shapes:
+            imgs: (B, C, H, W), ImageNet-normalised -> (B, L, D) with L = grid[0] * grid[1], (B, D_pool)
+        """
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=imgs.is_cuda):
             x = imgs * self.scale + self.shift
             if tuple(x.shape[-2:]) != self.input_size:
                 x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False, antialias=True)
-            feats = self.tokens(x).float()  # (B, D, h, w)
+            feats, pooled = self.tokens(x)
+            feats = feats.float()  # (B, D, h, w)
             if tuple(feats.shape[-2:]) != tuple(grid):
                 feats = F.adaptive_avg_pool2d(feats, grid)  # (B, D, grid_h, grid_w)
             feats = feats.flatten(2).transpose(1, 2)  # (B, L, D)
             if self.cfg.normalize_targets:
                 feats = F.layer_norm(feats, feats.shape[-1:], eps=1e-6)
-        return feats.clone()  # a normal tensor: inference tensors cannot be saved for backward
+        # Normal tensors: inference tensors cannot be saved for backward.
+        return feats.clone(), pooled.float().clone()

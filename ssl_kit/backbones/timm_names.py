@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
+
 import timm
+
+from ssl_kit.errors import UserError
 
 
 def check_timm_name(model_name: str) -> None:
-    """Raise a ValueError naming ``model_name`` and similar timm names if timm does not know it."""
+    """Raise a :class:`UserError` naming ``model_name`` and the closest timm names if timm does not know it."""
     if timm.is_model(model_name):
         return
-    stem = model_name.split("_")[0]
-    similar = timm.list_models(f"{stem}*")[:12]
-    hint = f" Similar timm names: {', '.join(similar)}." if similar else ""
-    raise ValueError(f"Unknown timm model name {model_name!r}.{hint} See timm.list_models().")
+    close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise UserError(f"Unknown timm model name {model_name!r}.{hint} See timm.list_models().")

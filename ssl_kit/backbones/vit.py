@@ -10,6 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ssl_kit.backbones.timm_names import check_timm_name
+from ssl_kit.errors import UserError
 from ssl_kit.masking.random import gather_tokens
 
 
@@ -20,7 +21,7 @@ def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> Tensor:
         returns (grid_h * grid_w, embed_dim), rows in raster order.
     """
     if embed_dim % 4:
-        raise ValueError(f"embed_dim={embed_dim} must be divisible by 4 for a 2-D sin-cos embedding.")
+        raise UserError(f"embed_dim={embed_dim} must be divisible by 4 for a 2-D sin-cos embedding.")
     quarter = embed_dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
     rows, cols = torch.meshgrid(
@@ -80,10 +81,33 @@ def create_vit(
         raise not_a_vit
     p = model.patch_embed.patch_size[0]
     if img_size % p:
-        raise ValueError(f"img_size={img_size} is not divisible by patch_size={p}; choose a multiple of {p}.")
+        raise UserError(f"img_size={img_size} is not divisible by patch_size={p}; choose a multiple of {p}.")
     if sincos_pos_embed:
         set_sincos_pos_embed(model)
     return model
+
+
+def mae_init_(vit: VisionTransformer) -> VisionTransformer:
+    """Re-initialise a timm ViT as the MAE paper's code does (timm's default differs): every Linear
+    xavier-uniform with zero bias, the patch embedding xavier-uniform as a (D, p*p*C) matrix,
+    LayerNorms (1, 0), class/register tokens normal(std 0.02). Position embeddings are left as
+    they are (fixed sin-cos). Returns ``vit``.
+    """
+    for m in vit.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    proj = vit.patch_embed.proj.weight
+    nn.init.xavier_uniform_(proj.data.view(proj.shape[0], -1))  # (D, C*p*p): as the linear it is
+    for name in ("cls_token", "reg_token"):
+        token = getattr(vit, name, None)
+        if isinstance(token, nn.Parameter):
+            nn.init.normal_(token, std=0.02)
+    return vit
 
 
 def forward_visible(vit: VisionTransformer, imgs: Tensor, ids_keep: Tensor) -> Tensor:

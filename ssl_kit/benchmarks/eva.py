@@ -37,7 +37,7 @@ def timed_step(model: EVA, opt: torch.optim.Optimizer, imgs: torch.Tensor) -> tu
     sync(device)
     mid = time.perf_counter()
     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        pred = model.head(model.forward_student(imgs, mask))  # (B, L, D_teacher)
+        pred = model.head(model.forward_student(imgs, mask)[:, model.encoder.num_prefix_tokens:])  # (B, L, D_teacher)
     loss = masked_negative_cosine(pred, target, mask)
     opt.zero_grad(set_to_none=True)
     loss.backward()

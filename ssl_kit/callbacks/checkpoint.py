@@ -8,6 +8,7 @@ exactly, saves ``last.ckpt`` and exits on SIGTERM / SIGUSR1, and installs
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -22,7 +23,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from ssl_kit.callbacks.rng_state import capture_rng_state, restore_rng_state
+from ssl_kit.errors import NoSpaceError, UserError
 from ssl_kit.export import load_checkpoint
+from ssl_kit.integrity import seal
 
 #: Signals that make a run save ``last.ckpt`` at the end of the current step and exit.
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -33,7 +36,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same directory, fsync, then ``os.replace``.
 
     A process killed at any moment leaves either the previous file or the complete new one at
-    ``path``, never a partial file.
+    ``path``, never a partial file. A full disk (or quota) raises :class:`NoSpaceError` after the
+    partial temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,8 +48,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if _out_of_space(err):
+            kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+            raise NoSpaceError(f"no space left on the device writing {path}; {kept}. Free space, "
+                               f"then resume with --ckpt_path last.") from err
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:  # make the rename itself durable
@@ -54,18 +62,33 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         os.close(dir_fd)
 
 
+def _out_of_space(err: BaseException | None) -> bool:
+    """Whether ``err`` is (or was raised while handling) ENOSPC / EDQUOT; torch's zip writer turns
+    the file's OSError into a RuntimeError whose context is the original."""
+    for _ in range(8):
+        if err is None:
+            return False
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO that writes atomically and only ever reads with ``weights_only=True``.
+    """Lightning checkpoint IO that writes atomically with per-tensor checksums and only ever
+    reads with ``weights_only=True``, verifying those checksums.
 
     A checkpoint that needs arbitrary unpickling (e.g. one carrying a code payload) is refused
     with an error naming the file; there is no unsafe fallback, whatever ``weights_only`` the
-    caller asks for.
+    caller asks for. A truncated or corrupted file, or one with non-finite weights, is refused
+    naming the file and the newest good checkpoint beside it.
 
     Examples:
         >>> trainer = pl.Trainer(plugins=[SafeCheckpointIO()])  # RunCheckpoint installs it itself
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        checkpoint = seal(checkpoint)  # per-tensor checksums, verified by every load
         if not _is_local_file_protocol(path):  # object stores: their put is already all-or-nothing
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)
@@ -77,15 +100,18 @@ class SafeCheckpointIO(TorchCheckpointIO):
 class RunCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` for resumable runs.
 
-    Keeps every periodic checkpoint (``epoch=NNNN.ckpt`` each ``every_n_epochs``), refreshes
-    ``last.ckpt`` at the end of every epoch and every ``every_n_train_steps`` optimizer steps, and
-    on SIGTERM or SIGUSR1 writes ``last.ckpt`` at the end of the current step and exits with code
-    ``128 + signal``. Checkpoints carry the RNG states, restored when training restarts.
+    Keeps every periodic checkpoint (``epoch=NNNN.ckpt`` each ``every_n_epochs``, written once and
+    never replaced), refreshes ``last.ckpt`` at the end of every epoch and every
+    ``every_n_train_steps`` optimizer steps, and on SIGTERM or SIGUSR1 writes ``last.ckpt`` at the
+    end of the current step and exits with code ``128 + signal``. Checkpoints carry the RNG
+    states, restored when training restarts. ``last.ckpt`` is always the one in ``dirpath``, also
+    after the run directory was moved or copied (never ``last-v1.ckpt``).
 
     Args:
         dirpath: the run directory.
         every_n_epochs: period of the numbered checkpoints.
         every_n_train_steps: refresh ``last.ckpt`` this often mid-epoch (0: only at epoch ends).
+        enable_version_counter: must stay False: a run directory never holds ``-vN`` copies.
         **kwargs: passed to ``ModelCheckpoint``.
 
     Examples:
@@ -101,14 +127,19 @@ class RunCheckpoint(ModelCheckpoint):
         save_top_k: int = -1,
         save_last: bool = True,
         auto_insert_metric_name: bool = False,
+        enable_version_counter: bool = False,
         **kwargs,
     ) -> None:
         # The defaults are explicit arguments (not kwargs.setdefault) so that LightningCLI, which
         # passes every ModelCheckpoint argument, keeps them.
         if every_n_train_steps < 0:
-            raise ValueError(f"every_n_train_steps={every_n_train_steps} is not allowed: use 0 (off) or a positive step count.")
+            raise UserError(f"every_n_train_steps={every_n_train_steps} is not allowed: use 0 (off) or a positive step count.")
+        if enable_version_counter:
+            raise UserError("checkpoint.enable_version_counter=true is not allowed: last.ckpt is updated in place "
+                            "and numbered checkpoints are written once, so no -vN copies are needed.")
         super().__init__(dirpath=dirpath, filename=filename, every_n_epochs=every_n_epochs, save_top_k=save_top_k,
-                         save_last=save_last, auto_insert_metric_name=auto_insert_metric_name, **kwargs)
+                         save_last=save_last, auto_insert_metric_name=auto_insert_metric_name,
+                         enable_version_counter=False, **kwargs)
         self.last_every_n_train_steps = every_n_train_steps
         self._pending_rng: dict | None = None
         self._signal: int | None = None
@@ -135,12 +166,44 @@ class RunCheckpoint(ModelCheckpoint):
         self._install_signal_handlers()
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if filepath != self._last_path() and self.file_exists(filepath, trainer):
+            # A resumed run reaching an epoch again: the numbered file already holds it.
+            rank_zero_info(f"{filepath} exists: kept as written (numbered checkpoints are written once)")
+            return
         super()._save_checkpoint(trainer, filepath)
         self._saves += 1
+
+    def _last_path(self) -> str:
+        return os.path.join(self.dirpath or "", self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state with its paths moved into this run's ``dirpath``.
+
+        Lightning restores ``last_model_path`` only when the stored absolute ``dirpath`` equals
+        the current one; otherwise its next save goes to ``last-v1.ckpt`` and ``last.ckpt`` stays
+        behind. A run directory that was moved, copied or mounted elsewhere (container vs host,
+        cluster scratch) must keep writing ``last.ckpt`` where it now lives.
+        """
+        if self.dirpath is None:
+            return super().load_state_dict(state_dict)
+        here = Path(self.dirpath)
+        rebase = lambda p: str(here / Path(p).name) if p else p  # noqa: E731
+        super().load_state_dict({
+            **state_dict, "dirpath": self.dirpath, "last_model_path": self._last_path(),
+            "best_model_path": rebase(state_dict.get("best_model_path", "")),
+            "kth_best_model_path": rebase(state_dict.get("kth_best_model_path", "")),
+            "best_k_models": {rebase(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
+        })
 
     # --- when to write last.ckpt ---------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # The epoch's last batch: on_train_epoch_end saves (and exits on a signal) moments later.
+            # A checkpoint from between the two resumes through Lightning's "restarted at the end of
+            # an epoch" path, whose epoch counters are off by one afterwards (a later mid-epoch
+            # resume then trains a batch twice). Lightning too defers its SIGTERM exit to then.
+            return
         self._exit_if_preempted(trainer)
         n = self.last_every_n_train_steps
         if n and trainer.global_step % n == 0 and not self._should_skip_saving_checkpoint(trainer):

@@ -40,14 +40,39 @@ class ReconstructionGrid(pl.Callback):
     patches pasted back | original) for a fixed set of validation images. Works with any model
     exposing ``reconstruct(imgs) -> (recon, mask)`` and ``patch_size``.
 
+    The masks are drawn from this callback's own generator, seeded by ``seed`` and the epoch, and
+    the process's RNG states are restored afterwards: drawing them on rank 0 only must not shift
+    rank 0's random stream, or a resumed DDP run would no longer match an uninterrupted one.
+
     Args:
         every_n_epochs: logging period.
         num_images: images in the grid.
+        seed: seed of the grid's masks (the same images get the same masks at a given epoch).
     """
 
-    def __init__(self, every_n_epochs: int = 5, num_images: int = 8) -> None:
-        self.every_n_epochs, self.num_images = every_n_epochs, num_images
+    def __init__(self, every_n_epochs: int = 5, num_images: int = 8, seed: int = 0) -> None:
+        self.every_n_epochs, self.num_images, self.seed = every_n_epochs, num_images, seed
         self._imgs: torch.Tensor | None = None
+
+    def reconstruct(self, pl_module, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pl_module.reconstruct(imgs)`` in eval mode under a private seeded RNG; global RNG untouched.
+
+        Shapes:
+            imgs: (B, C, H, W) -> recon (B, C, H, W), mask (B, L)
+        """
+        cuda = imgs.device.type == "cuda"
+        was_training = pl_module.training
+        with torch.random.fork_rng(devices=[imgs.device] if cuda else []):
+            seed = self.seed + pl_module.current_epoch
+            torch.default_generator.manual_seed(seed)  # not torch.manual_seed: it seeds every GPU
+            if cuda:
+                with torch.cuda.device(imgs.device):
+                    torch.cuda.manual_seed(seed)  # the images' device only
+            pl_module.eval()
+            try:
+                return pl_module.reconstruct(imgs)
+            finally:
+                pl_module.train(was_training)
 
     def _fixed_images(self, trainer) -> torch.Tensor:
         if self._imgs is None:
@@ -64,10 +89,7 @@ class ReconstructionGrid(pl.Callback):
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         imgs = self._fixed_images(trainer).to(pl_module.device)
-        was_training = pl_module.training
-        pl_module.eval()
-        recon, mask = pl_module.reconstruct(imgs)  # (B, C, H, W), (B, L)
-        pl_module.train(was_training)
+        recon, mask = self.reconstruct(pl_module, imgs)  # (B, C, H, W), (B, L)
         p = pl_module.patch_size
         h, w = imgs.shape[-2] // p, imgs.shape[-1] // p
         pixel_mask = mask.reshape(-1, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3)  # (B, 1, H, W)

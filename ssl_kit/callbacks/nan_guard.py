@@ -10,6 +10,8 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from ssl_kit.errors import UserError
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised after ``max_consecutive`` skipped steps in a row."""
@@ -36,7 +38,7 @@ class NaNGuard(Callback):
 
     def __init__(self, max_consecutive: int = 10, check_grads: bool = True) -> None:
         if max_consecutive < 1:
-            raise ValueError(f"max_consecutive={max_consecutive} is not allowed: it must be >= 1.")
+            raise UserError(f"max_consecutive={max_consecutive} is not allowed: it must be >= 1.")
         self.max_consecutive, self.check_grads = max_consecutive, check_grads
         self.consecutive = 0
         self.skipped = 0

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 
+from ssl_kit.errors import UserError
 from ssl_kit.evaluators.knn import knn_accuracies
 from ssl_kit.evaluators.sharded import dist_rank_world, extract_features_sharded
 
@@ -32,7 +33,7 @@ class OnlineKNN(pl.Callback):
 
     def __init__(self, every_n_epochs: int = 1, k: int = 20, temperature: float = 0.07) -> None:
         if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs={every_n_epochs} is not allowed: it must be >= 1.")
+            raise UserError(f"every_n_epochs={every_n_epochs} is not allowed: it must be >= 1.")
         self.every_n_epochs, self.k, self.temperature = every_n_epochs, k, temperature
         self._labelled: bool | None = None
 

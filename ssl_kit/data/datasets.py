@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ssl_kit.errors import BadImageError, MissingFileError, UserError
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 UNLABELED = -1
 
@@ -50,13 +52,13 @@ def scan_images(root: str | os.PathLike) -> list[Path]:
     """Every image file under ``root``, recursively, in sorted order (symlinks followed)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data root {str(root)!r} does not exist or is not a directory.")
+        raise MissingFileError(f"data root {str(root)!r} does not exist or is not a directory.")
     files = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
         files.extend(Path(dirpath) / f for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS))
     if not files:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"data root {str(root)!r} holds no images (searched recursively for {', '.join(IMG_EXTENSIONS)})."
         )
     return files
@@ -71,14 +73,14 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
 
     EXIF rotation is applied; grayscale, CMYK and palette images are converted; transparent pixels
     are composited onto white; 16-bit and 32-bit images are scaled to 0-255 (not clipped).
-    Truncated, empty and non-image files raise ``OSError``.
+    Truncated, empty and non-image files raise :class:`~ssl_kit.errors.BadImageError` (an ``OSError``).
     """
     try:
         with Image.open(path) as img:
             img.load()
             return to_rgb(ImageOps.exif_transpose(img))
     except Exception as err:  # PIL raises many types for broken files
-        raise OSError(f"cannot read image {str(path)!r}: {err}") from err
+        raise BadImageError(f"cannot read image {str(path)!r}: {err}") from err
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -128,7 +130,7 @@ class ImageFolder(LabeledImages):
             index = {c: i for i, c in enumerate(self.classes)}
             unknown = sorted(set(found) - set(index))
             if unknown:
-                raise ValueError(f"{root!r} has class folders {unknown[:5]} absent from the training classes.")
+                raise UserError(f"{root!r} has class folders {unknown[:5]} absent from the training classes.")
             self.labels = [index[p[0]] for p in parts]
         else:
             self.classes = []

@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover
 from torchvision.transforms.v2 import functional as TF
 
 from ssl_kit.data.datasets import to_rgb
+from ssl_kit.errors import BadImageError
 
 #: EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
 _SWAPS_SIDES = (5, 6, 7, 8)
@@ -56,7 +57,7 @@ def decode_rgb(data: bytes, name: str) -> Image.Image:
             img.load()
             return to_rgb(ImageOps.exif_transpose(img))
     except Exception as err:  # PIL raises many types for broken files
-        raise OSError(f"cannot read image {name!r}: {err}") from err
+        raise BadImageError(f"cannot read image {name!r}: {err}") from err
 
 
 def pil_to_tensor(img: Image.Image) -> Tensor:
@@ -100,7 +101,7 @@ class EncodedImage:
             fmt, mode, size = img.format, img.mode, img.size
             orientation = img.getexif().get(_ORIENTATION, 1) if "exif" in img.info else 1
         except Exception as err:
-            raise OSError(f"cannot read image {name!r}: {err}") from err
+            raise BadImageError(f"cannot read image {name!r}: {err}") from err
         if fmt == "JPEG" and mode in ("RGB", "L") and data.rstrip(b"\0\r\n ").endswith(_EOI):
             return cls(data, name, size, orientation, info)
         pil = decode_rgb(data, name)
@@ -148,7 +149,7 @@ class EncodedImage:
                 img.load()
                 upright = to_rgb(ImageOps.exif_transpose(img))
         except Exception as err:
-            raise OSError(f"cannot read image {self.name!r}: {err}") from err
+            raise BadImageError(f"cannot read image {self.name!r}: {err}") from err
         scale = max(1, round(w / box[2]))
         self._decoded[scale] = upright if scale > 1 else pil_to_tensor(upright)
         return self._decoded[scale], scale

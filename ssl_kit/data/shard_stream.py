@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ssl_kit.data.decode import EncodedImage, decode_rgb
 from ssl_kit.data.sampler import sample_seed
 from ssl_kit.data.shards import ShardSamples, image_suffix, label_of, side_info, stream_samples
+from ssl_kit.errors import BadImageError, UserError
 
 # Lightning warns that __len__ of an iterable data set may be wrong with several workers: here it is exact.
 warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
@@ -108,7 +109,7 @@ class ShardStream(IterableDataset):
         self.positions = [(index[shard == j] - starts[j]).tolist() for j in range(len(data.shards))]
         self.steps = steps_per_epoch([len(p) for p in self.positions], world_size, self.workers, batch_size)
         if self.steps < 1:
-            raise ValueError(f"{len(indices)} training samples in {len(data.shards)} shard(s) give rank(s) no full "
+            raise UserError(f"{len(indices)} training samples in {len(data.shards)} shard(s) give rank(s) no full "
                              f"batch of {batch_size} with {world_size} rank(s) x {self.workers} loader stream(s) "
                              f"(each stream reads whole shards): use more shards or a smaller batch_size.")
         self.epoch, self.batches_done = 0, 0
@@ -187,20 +188,20 @@ class ShardStream(IterableDataset):
                 if self.bad_images == "error":
                     raise
                 self._count_skip(f"skipping a bad sample (bad_images='skip'): {err}")
-        raise OSError(f"no readable sample in a block of {len(order)} from shard(s) "
+        raise BadImageError(f"no readable sample in a block of {len(order)} from shard(s) "
                       f"{sorted({e[1] for e in entries})[:3]}: are the shards corrupt? (see the warnings above)")
 
     def _decode(self, name: str, sample: dict | None):
         if sample is None:
-            raise OSError(f"shard {name!r}: a sample is missing (the shard ended early; see the warning above).")
+            raise BadImageError(f"shard {name!r}: a sample is missing (the shard ended early; see the warning above).")
         key, suffix = sample["__key__"], image_suffix(sample)
         if suffix is None:
             members = ", ".join(k for k in sample if not k.startswith("__")) or "none"
-            raise OSError(f"shard {name!r}: sample {key!r} has no image (members: {members}).")
+            raise BadImageError(f"shard {name!r}: sample {key!r} has no image (members: {members}).")
         try:
             label = label_of(sample)
         except ValueError as err:
-            raise OSError(f"shard {name!r}: sample {key!r} has an unreadable label ({err}).") from None
+            raise BadImageError(f"shard {name!r}: sample {key!r} has an unreadable label ({err}).") from None
         info = side_info(sample, key, suffix)
         if self.encoded:
             return EncodedImage.open(sample[suffix], f"{name}:{key}.{suffix}", info), label
@@ -243,7 +244,7 @@ class _Reader:
             f"{self.data.sizes[self.data.shards.index(name)]} were expected (truncated, or a stale sizes.json)")
         self.samples = None
         if self.bad_images == "error":
-            raise OSError(reason)
+            raise BadImageError(reason)
         warnings.warn(f"{reason} Its remaining samples are replaced (bad_images='skip').", stacklevel=4)
 
     def close(self) -> None:
@@ -290,7 +291,7 @@ def check_resume(saved: dict, now: dict) -> None:
         changed = [f"stream {first} was at {saved['streams'][first][3:]}, now {now['streams'][first][3:]} "
                    f"(the shards or their sizes changed)"]
     if changed:
-        raise ValueError("cannot resume exactly on shards: " + "; ".join(changed) + ". Resume with the same "
+        raise UserError("cannot resume exactly on shards: " + "; ".join(changed) + ". Resume with the same "
                          "--trainer.devices/num_nodes, --data.num_workers, --data.batch_size and shards "
                          "(workers = loader streams: each reads its own shards).")
 

@@ -21,6 +21,7 @@ import torch
 
 from ssl_kit.data.datasets import ImageFolder
 from ssl_kit.data.shards import SIZES_FILE
+from ssl_kit.errors import UserError
 
 #: Written first into the output folder: what is being converted, so a restart can check it is the same job.
 MANIFEST = "shard_manifest.json"
@@ -56,7 +57,7 @@ def shard(
         ``{"shards": n, "images": n, "written": n, "skipped": n, "pattern": "..."}``.
     """
     if shard_size < 1:
-        raise ValueError(f"shard_size={shard_size} is not allowed: it must be >= 1.")
+        raise UserError(f"shard_size={shard_size} is not allowed: it must be >= 1.")
     folder = ImageFolder(data.root)
     order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed)).tolist() if shuffle \
         else list(range(len(folder)))
@@ -84,14 +85,14 @@ def shard(
 def _claim(out: Path, manifest: dict) -> None:
     """Create ``out`` and record the job; refuse a folder that holds another conversion's shards."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output {str(out)!r} is a file, not a folder.")
+        raise UserError(f"output {str(out)!r} is a file, not a folder.")
     out.mkdir(parents=True, exist_ok=True)
     path = out / MANIFEST
     if path.is_file():
         found = json.loads(path.read_text())
         if found != manifest:
             changed = sorted(k for k in manifest if found.get(k) != manifest[k])
-            raise ValueError(f"output {str(out)!r} holds shards of another conversion ({', '.join(changed)} differ; "
+            raise UserError(f"output {str(out)!r} holds shards of another conversion ({', '.join(changed)} differ; "
                              f"see {MANIFEST}): use another --output, or delete that folder to start over.")
     else:
         _atomic_write(path, json.dumps(manifest, indent=1).encode())

@@ -37,6 +37,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from ssl_kit.data.datasets import IMG_EXTENSIONS, UNLABELED, LabeledImages
+from ssl_kit.errors import BadImageError, MissingFileError, UserError
 
 IMAGE_SUFFIXES = tuple(e.lstrip(".") for e in IMG_EXTENSIONS)
 #: Beside the shards: ``{"train-000000.tar": 5000, ...}`` (open_clip's file; ``shard`` writes it).
@@ -72,11 +73,11 @@ def expand_shards(pattern: str) -> list[str]:
         else:
             names.append(local)
     if not names:
-        raise FileNotFoundError(f"data.root {pattern!r} matches no shard (expected tar files: a brace pattern "
+        raise MissingFileError(f"data.root {pattern!r} matches no shard (expected tar files: a brace pattern "
                                 f"like 'train-{{000000..000146}}.tar', a glob, or a folder of *.tar).")
     missing = [n for n in names if not (n.startswith("pipe:") or _is_url(n) or os.path.isfile(n))]
     if missing:
-        raise FileNotFoundError(f"data.root {pattern!r}: {len(missing)} of {len(names)} shards do not exist, "
+        raise MissingFileError(f"data.root {pattern!r}: {len(missing)} of {len(names)} shards do not exist, "
                                 f"e.g. {missing[0]!r}.")
     return names
 
@@ -100,7 +101,7 @@ def open_shard(name: str, seekable: bool = False) -> IO[bytes]:
     try:
         if name.startswith("pipe:"):
             if seekable:
-                raise OSError("reading single samples (evaluation, the validation split) needs a seekable shard: "
+                raise BadImageError("reading single samples (evaluation, the validation split) needs a seekable shard: "
                               "a local file or an fsspec URL, not a pipe: command")
             return gopen(name, "rb")
         if _is_url(name):
@@ -109,7 +110,7 @@ def open_shard(name: str, seekable: bool = False) -> IO[bytes]:
             return fsspec.open(name, "rb").open()
         return open(_local(name), "rb")
     except Exception as err:
-        raise OSError(f"shard {name!r}: cannot open it: {err}") from err
+        raise BadImageError(f"shard {name!r}: cannot open it: {err}") from err
 
 
 # --- samples ------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def stream_samples(name: str) -> Iterator[dict]:
         yield from group_by_keys(files)
     except (tarfile.TarError, EOFError, ValueError) as err:
         reason = str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__
-        raise OSError(f"shard {name!r} is not a readable tar file ({reason}).") from None
+        raise BadImageError(f"shard {name!r} is not a readable tar file ({reason}).") from None
     finally:
         stream.close()
 
@@ -193,7 +194,7 @@ def scan_shard(name: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
                     samples.append((key, {}))
                 samples[-1][1][suffix.lower()] = (member.offset_data, member.size)
     except (tarfile.TarError, EOFError) as err:
-        raise OSError(f"shard {name!r} is not a readable tar file ({err}).") from None
+        raise BadImageError(f"shard {name!r} is not a readable tar file ({err}).") from None
     finally:
         f.close()
     return samples
@@ -217,9 +218,9 @@ def check_shard_file(name: str) -> None:
     try:
         tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
     except tarfile.HeaderError as err:
-        raise OSError(f"shard {name!r} is not a tar file ({err}).") from None
+        raise BadImageError(f"shard {name!r} is not a tar file ({err}).") from None
     if end % tarfile.BLOCKSIZE or tail.strip(b"\0"):
-        raise OSError(f"shard {name!r} is truncated: it does not end with the tar end-of-archive blocks "
+        raise BadImageError(f"shard {name!r} is truncated: it does not end with the tar end-of-archive blocks "
                       f"({end} bytes). Re-copy or re-write it.")
 
 
@@ -275,7 +276,7 @@ def read_member(name: str, offset: int, size: int) -> bytes:
         f.seek(offset)
         data = f.read(size)
     if len(data) != size:
-        raise OSError(f"shard {name!r} is truncated: a member at byte {offset} ends early.")
+        raise BadImageError(f"shard {name!r} is truncated: a member at byte {offset} ends early.")
     return data
 
 
@@ -323,7 +324,7 @@ class ShardSamples(LabeledImages):
         """
         piped = [n for n in self.shards if n.startswith("pipe:")]
         if piped:
-            raise ValueError(f"{purpose} reads single samples, which {piped[0]!r} cannot serve (pipe: shards are "
+            raise UserError(f"{purpose} reads single samples, which {piped[0]!r} cannot serve (pipe: shards are "
                              f"streamed): use data.val_fraction=0, or a data.val_root of local or fsspec shards "
                              f"or a folder.")
 
@@ -344,7 +345,7 @@ class ShardSamples(LabeledImages):
         name = self.shards[shard]
         entries = _cached_index(name)
         if pos >= len(entries):
-            raise OSError(f"shard {name!r}: sample {pos} is missing: the shard holds {len(entries)} samples, "
+            raise BadImageError(f"shard {name!r}: sample {pos} is missing: the shard holds {len(entries)} samples, "
                           f"{self.sizes[shard]} were expected (truncated, or a stale {SIZES_FILE}).")
         return name, *entries[pos]
 
@@ -352,7 +353,7 @@ class ShardSamples(LabeledImages):
         name, key, members = self._sample(index)
         suffix = image_suffix(members)
         if suffix is None:
-            raise OSError(f"shard {name!r}: sample {key!r} has no image (members: {', '.join(members) or 'none'}; "
+            raise BadImageError(f"shard {name!r}: sample {key!r} has no image (members: {', '.join(members) or 'none'}; "
                           f"expected one of {', '.join(IMAGE_SUFFIXES)}).")
         meta = {"json": lambda: read_member(name, *members["json"])} if "json" in members else {}
         return read_member(name, *members[suffix]), f"{name}:{key}.{suffix}", side_info(meta, key, suffix)

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from ssl_kit.data.datasets import ImageFolder
+from ssl_kit.errors import UserError
 from ssl_kit.methods.base import OptimizerCallable, SSLMethod, adamw
 
 #: The LightningCLI flag ``--encoder SRC`` sets this init argument (see ``ssl_kit/cli.py``).
@@ -24,7 +25,7 @@ def check_classification_data(datamodule) -> int:
     """
     dm = datamodule
     if not dm.has_labels():
-        raise ValueError(
+        raise UserError(
             f"evaluation needs labelled images, but data.dataset={dm.dataset!r} (root={dm.root!r}, "
             f"val_root={dm.val_root!r}) has none: put every image in a class sub-folder, ROOT/CLASS/IMAGE."
         )
@@ -36,7 +37,7 @@ def check_classification_data(datamodule) -> int:
         if found != classes:
             missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
             diff = "; ".join(f"{what} {names[:5]}" for what, names in (("lacks", missing), ("adds", extra)) if names)
-            raise ValueError(
+            raise UserError(
                 f"train and val class lists differ: val_root={dm.val_root!r} {diff} ({len(classes)} training "
                 f"classes, {len(found)} val classes); both need the same class folders."
             )
@@ -71,7 +72,7 @@ class Evaluator(SSLMethod):
     ) -> None:
         super().__init__(optimizer, lr_scaling, warmup_epochs, min_lr_ratio)
         if encoder is None:
-            raise ValueError(
+            raise UserError(
                 f"{type(self).__name__} needs an encoder: pass --encoder SRC (an ssl_kit .ckpt, an exported "
                 f".safetensors, an official MAE/ConvNeXt V2 .pth, or a timm model name for a random-init baseline)."
             )

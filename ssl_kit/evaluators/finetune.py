@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.data import Mixup, auto_augment, create_transform
 from timm.layers import DropPath
@@ -13,11 +14,13 @@ from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.utils.data import DataLoader
 
+from ssl_kit.errors import UserError
 from ssl_kit.evaluators.base import Evaluator
 from ssl_kit.evaluators.features import extract_features
 from ssl_kit.evaluators.results import format_summary, seed_summary, topk_accuracy, write_results
-from ssl_kit.methods.base import OptimizerCallable, weight_decay_groups
+from ssl_kit.methods.base import OptimizerCallable, warmup_cosine, weight_decay_groups
 from ssl_kit.views import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -37,14 +40,14 @@ def set_drop_path(model: nn.Module, rate: float) -> int:
              for attr, _ in parent.named_children() if attr.startswith("drop_path")]
     blocks = list(dict.fromkeys(name for name, _, _ in sites))  # block names, in order, once each
     if rate > 0 and not blocks:
-        raise ValueError(f"drop_path_rate={rate}: {type(model).__name__} has no drop_path modules; use 0.")
+        raise UserError(f"drop_path_rate={rate}: {type(model).__name__} has no drop_path modules; use 0.")
     for name, parent, attr in sites:
         p = rate * blocks.index(name) / max(1, len(blocks) - 1)
         setattr(parent, attr, DropPath(p) if p > 0 else nn.Identity())
     return len(blocks)
 
 
-def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+def posterize_zero_safe(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
     """timm's posterize, where keeping 0 bits gives a black image (as in TF's RandAugment and
     Pillow < 13; Pillow >= 13 raises for bits=0)."""
     if bits_to_keep < 1:
@@ -63,7 +66,7 @@ def zero_bit_posterize_safe(transform: Callable) -> Callable:
         ops = list(getattr(t, "ops", ())) + [op for sub in getattr(t, "policy", ()) for op in sub]
         for op in ops:
             if getattr(op, "aug_fn", None) is auto_augment.posterize:
-                op.aug_fn = _posterize
+                op.aug_fn = posterize_zero_safe
     return transform
 
 
@@ -144,7 +147,7 @@ class FineTune(Evaluator):
         min_lr_ratio: float = 0.0,
     ) -> None:
         if layer_decay is not None and not 0 < layer_decay <= 1:
-            raise ValueError(f"layer_decay={layer_decay} is not allowed: use a value in (0, 1], or null to disable.")
+            raise UserError(f"layer_decay={layer_decay} is not allowed: use a value in (0, 1], or null to disable.")
         super().__init__(encoder, arch, img_size, results_file, with_lr_scale(optimizer), lr_scaling,
                          warmup_epochs, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
@@ -168,7 +171,7 @@ class FineTune(Evaluator):
             self.build_head(self.num_classes)
             if hp.mixup_alpha > 0 or hp.cutmix_alpha > 0:
                 if self.trainer.datamodule.batch_size % 2:
-                    raise ValueError(f"Mixup/CutMix pair each image with another: data.batch_size="
+                    raise UserError(f"Mixup/CutMix pair each image with another: data.batch_size="
                                      f"{self.trainer.datamodule.batch_size} must be even.")
                 self.mixup = Mixup(hp.mixup_alpha, hp.cutmix_alpha, label_smoothing=hp.label_smoothing,
                                    num_classes=self.num_classes)
@@ -239,3 +242,54 @@ class FineTune(Evaluator):
             if key in results:
                 print(format_summary(f"\nfine-tuning ({key}) on the held-out split ({self.encoder_source}):", results[key]))
         print(f"results written to {path}")
+
+
+def fit_finetune(
+    encoder: nn.Module, train: DataLoader, val: DataLoader, num_classes: int, epochs: int = 5,
+    base_lr: float = 1e-3, weight_decay: float = 0.05, layer_decay: float | None = None,
+    warmup_epochs: float = 1.0, label_smoothing: float = 0.1, device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """A short end-to-end fine-tune as a plain loop (no Trainer), for reports inside other runs:
+    the encoder plus a new linear classifier on its pooled features, AdamW at
+    ``base_lr x batch / 256`` with timm's layer-wise lr decay (as the MAE and ConvNeXt V2
+    fine-tuning recipes), no decay on biases, norms and tokens, warm-up + cosine,
+    label-smoothed cross-entropy; returns val top-1/top-5. ``encoder`` is trained in place.
+
+    Args:
+        encoder: a timm model with ``num_classes=0`` (its output is the pooled feature).
+        train: augmented, labelled training batches.
+        val: un-augmented, labelled held-out batches.
+        num_classes: classifier width.
+        epochs: passes over ``train``.
+        base_lr: lr per 256 images.
+        weight_decay: AdamW weight decay.
+        layer_decay: lr factor per block away from the head (None: one lr for all).
+        warmup_epochs: linear warm-up length.
+        label_smoothing: cross-entropy target smoothing.
+        device: where to train.
+    """
+    head = nn.Linear(encoder.num_features, num_classes).to(device)
+    nn.init.trunc_normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    if layer_decay is None:
+        groups = weight_decay_groups(nn.Sequential(encoder, head))
+    else:
+        groups = param_groups_layer_decay(encoder, weight_decay=weight_decay, layer_decay=layer_decay,
+                                          no_weight_decay_list=getattr(encoder, "no_weight_decay", set)())
+        groups += [{"params": [head.weight], "weight_decay": weight_decay}, {"params": [head.bias], "weight_decay": 0.0}]
+    opt = with_lr_scale(lambda g: torch.optim.AdamW(g, lr=base_lr * train.batch_size / 256,
+                                                    weight_decay=weight_decay))(groups)
+    model = nn.Sequential(encoder, head).train()
+    total = max(1, epochs * len(train))
+    warmup = int(warmup_epochs * len(train))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))
+    for _ in range(epochs):
+        for imgs, labels in train:
+            loss = F.cross_entropy(model(imgs.to(device)), labels.to(device), label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+    model.eval()
+    logits, labels = extract_features(model, val, device)
+    return topk_accuracy(logits, labels)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssl_kit.errors import UserError
+
 
 def knn_search(bank: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Exact cosine-similarity top-k with faiss (inner product on L2-normalised features).
@@ -18,7 +20,7 @@ def knn_search(bank: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         bank: (N, D); queries: (M, D) -> similarities (M, k) descending, indices (M, k)
     """
     if k > bank.shape[0]:
-        raise ValueError(f"k={k} is larger than the training set ({bank.shape[0]} features); use k <= {bank.shape[0]}.")
+        raise UserError(f"k={k} is larger than the training set ({bank.shape[0]} features); use k <= {bank.shape[0]}.")
     bank = F.normalize(bank.float(), dim=1).numpy()
     queries = F.normalize(queries.float(), dim=1).numpy()
     index = faiss.IndexFlatIP(bank.shape[1])
@@ -55,13 +57,13 @@ def knn_predict(
 def check_ks(ks: Sequence[int], num_bank: int) -> list[int]:
     """Validate neighbour counts against the bank size; returns them sorted and de-duplicated."""
     if not ks:
-        raise ValueError("k must list at least one neighbour count, e.g. [10, 20, 100, 200].")
+        raise UserError("k must list at least one neighbour count, e.g. [10, 20, 100, 200].")
     bad = [k for k in ks if k < 1]
     if bad:
-        raise ValueError(f"k={bad} is not allowed: every k must be >= 1.")
+        raise UserError(f"k={bad} is not allowed: every k must be >= 1.")
     too_large = [k for k in ks if k > num_bank]
     if too_large:
-        raise ValueError(f"k={too_large} is larger than the training set ({num_bank} images); use k <= {num_bank}.")
+        raise UserError(f"k={too_large} is larger than the training set ({num_bank} images); use k <= {num_bank}.")
     return sorted(set(int(k) for k in ks))
 
 
@@ -77,7 +79,7 @@ def knn_accuracies(
     """
     ks = check_ks(ks, bank.shape[0])
     if temperature <= 0:
-        raise ValueError(f"temperature={temperature} is not allowed: it must be > 0.")
+        raise UserError(f"temperature={temperature} is not allowed: it must be > 0.")
     if num_classes is None:
         num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     sims, idx = knn_search(bank, queries, max(ks))  # (M, max k)

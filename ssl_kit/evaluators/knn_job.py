@@ -12,9 +12,11 @@ import torch
 from lightning_fabric import Fabric
 
 from ssl_kit.data import SSLDataModule, scan_images
+from ssl_kit.errors import UserError
 from ssl_kit.evaluators.knn import check_ks, knn_accuracies
 from ssl_kit.evaluators.load import load_encoder
 from ssl_kit.evaluators.sharded import extract_features_sharded
+from ssl_kit.run_dir import writable_file
 from ssl_kit.views import EvalTransform
 
 
@@ -31,11 +33,11 @@ def check_eval_data(data: SSLDataModule, job: str) -> list[str]:
         if train_classes and val_classes and train_classes != val_classes:
             only_train = sorted(set(train_classes) - set(val_classes))[:10]
             only_val = sorted(set(val_classes) - set(train_classes))[:10]
-            raise ValueError(f"{job}: the class lists of data.root ({len(train_classes)} classes) and data.val_root "
+            raise UserError(f"{job}: the class lists of data.root ({len(train_classes)} classes) and data.val_root "
                              f"({len(val_classes)}) differ: only in root {only_train}, only in val_root {only_val}.")
     if not data.has_labels():
         where = f"data.root={data.root!r}" if data.dataset == "folder" else f"data.dataset={data.dataset!r}"
-        raise ValueError(f"{job} needs labelled images, but {where} has none: put every image in a class "
+        raise UserError(f"{job} needs labelled images, but {where} has none: put every image in a class "
                          f"sub-folder (root/<class>/<image>), for train and val alike.")
     return data.classes()
 
@@ -54,14 +56,8 @@ def default_output(encoder: str) -> Path:
 
 
 def writable_output(path: Path) -> Path:
-    """``path`` once its folder exists and is writable; checked before any feature is computed."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"cannot create {str(path.parent)!r} for the results ({err}); pass --output.") from None
-    if not os.access(path.parent, os.W_OK):
-        raise ValueError(f"cannot write the results to {str(path)!r} (folder not writable); pass --output.")
-    return path
+    """``path`` once its folder is proven writable (a file is created there), before any feature is computed."""
+    return writable_file(path, "the k-NN results", hint="pass --output")
 
 
 def knn(
@@ -103,7 +99,7 @@ def knn(
     classes = check_eval_data(data, "k-NN")
     ks = check_ks(k, len(data.split("train", None)))
     if temperature <= 0:
-        raise ValueError(f"temperature={temperature} is not allowed: it must be > 0.")
+        raise UserError(f"temperature={temperature} is not allowed: it must be > 0.")
     fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                     strategy="ddp" if devices * num_nodes > 1 else "auto")
     fabric.launch()
@@ -129,7 +125,9 @@ def knn(
         "knn": {str(kk): acc for kk, acc in accuracy.items()},
         "seconds": {"features": round(extract_s, 3), "search": round(time.perf_counter() - start, 3)},
     }
-    path.write_text(json.dumps(results, indent=2))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, path)
     print(format_results(results, path))
     return results
 

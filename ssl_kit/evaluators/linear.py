@@ -11,6 +11,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from ssl_kit.errors import UserError
 from ssl_kit.evaluators.base import Evaluator
 from ssl_kit.evaluators.features import extract_features
 from ssl_kit.evaluators.results import format_summary, seed_summary, topk_accuracy, write_results
@@ -58,7 +59,7 @@ class SeededBatches(Sampler):
         self.n, self.batch_size, self.seeds = n, batch_size, list(seeds)
         self.rank, self.world_size, self.epoch = rank, world_size, 0
         if len(self) == 0:
-            raise ValueError(f"the training split has {n} images, fewer than batch_size={batch_size} per device "
+            raise UserError(f"the training split has {n} images, fewer than batch_size={batch_size} per device "
                              f"(x {world_size} devices); lower data.batch_size.")
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this every epoch
@@ -140,7 +141,7 @@ class LinearProbe(Evaluator):
         min_lr_ratio: float = 0.0,
     ) -> None:
         if not seeds or len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds={list(seeds)} is not allowed: give one or more distinct integers, e.g. [0, 1, 2].")
+            raise UserError(f"seeds={list(seeds)} is not allowed: give one or more distinct integers, e.g. [0, 1, 2].")
         super().__init__(encoder, arch, img_size, results_file, optimizer, lr_scaling, warmup_epochs, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
         self.cache_features, self.seeds = cache_features, list(seeds)

@@ -13,8 +13,10 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from ssl_kit.backbones.vit import check_timm_name
+from ssl_kit.errors import CorruptCheckpointError, MissingFileError, UserError
 from ssl_kit.evaluators import official
 from ssl_kit.export import METADATA_KEY, encoder_from_checkpoint, load_checkpoint
+from ssl_kit.integrity import check_finite, verify_export
 
 ACCEPTED_FORMATS = (
     "an ssl_kit training checkpoint (.ckpt with an 'ssl_kit' entry and a 'state_dict')",
@@ -87,11 +89,11 @@ def read_weights(source: str | Path, arch: str | None = None) -> EncoderWeights:
             return _read_safetensors(path, arch)
         return _read_torch_file(path, arch)
     if path.suffix in FILE_SUFFIXES or "/" in str(source) or "\\" in str(source):
-        raise FileNotFoundError(f"encoder file {str(source)!r} does not exist.")
+        raise MissingFileError(f"encoder file {str(source)!r} does not exist.")
     try:
         check_timm_name(str(source))
     except ValueError as err:
-        raise ValueError(f"{err} --encoder accepts {_formats()}") from None
+        raise UserError(f"{err} --encoder accepts {_formats()}") from None
     return EncoderWeights(str(source))
 
 
@@ -108,13 +110,19 @@ def _read_safetensors(path: Path, arch: str | None) -> EncoderWeights:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), "pt") as f:
-        meta, keys = f.metadata() or {}, list(f.keys())
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, keys = f.metadata() or {}, list(f.keys())
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own types for a truncated or overwritten header
+        raise CorruptCheckpointError(f"{path} is truncated or not a safetensors file ({type(err).__name__}: "
+                                     f"{str(err).strip()[:200]})") from None
     name = meta.get("timm_model", arch)
     if name is None:
         raise _unknown(path, [f"metadata: {sorted(meta)}"] + keys)
+    verify_export(meta, tensors, str(path))
     kwargs = json.loads(meta.get("timm_kwargs", "{}"))
-    return EncoderWeights(name, kwargs, load_file(str(path)), kwargs.get("img_size"), "safetensors")
+    return EncoderWeights(name, kwargs, tensors, kwargs.get("img_size"), "safetensors")
 
 
 def _read_torch_file(path: Path, arch: str | None) -> EncoderWeights:
@@ -162,20 +170,22 @@ def build(weights: EncoderWeights, img_size: int | None = None) -> nn.Module:
 
 def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Load ``state`` into ``model``: position embeddings resampled to the model's grid, singleton
-    axes reshaped; raises if an encoder weight is missing or a key does not belong to the model."""
+    axes reshaped; raises if a weight is not finite, an encoder weight is missing or a key does
+    not belong to the model."""
+    check_finite(state, source)
     state = _fit_shapes(_resample_pos_embed(dict(state), model), model)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatch: wrong architecture
-        raise ValueError(f"{source}: the weights do not fit {type(model).__name__}; pass the right "
+        raise UserError(f"{source}: the weights do not fit {type(model).__name__}; pass the right "
                          f"arch.\n{err}") from None
     missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIXES)]
     unexpected = [k for k in result.unexpected_keys if not k.startswith(HEAD_PREFIXES)]
     if missing:
-        raise ValueError(f"{source}: {len(missing)} encoder weights are missing from the file: {missing[:20]}"
+        raise UserError(f"{source}: {len(missing)} encoder weights are missing from the file: {missing[:20]}"
                          f"{' ...' if len(missing) > 20 else ''} (missing head keys are fine).")
     if unexpected:
-        raise ValueError(f"{source}: {len(unexpected)} weights do not belong to the encoder "
+        raise UserError(f"{source}: {len(unexpected)} weights do not belong to the encoder "
                          f"({type(model).__name__}): {unexpected[:20]}; is arch right?")
 
 

@@ -16,6 +16,8 @@ import re
 import timm
 from torch import Tensor
 
+from ssl_kit.errors import UserError
+
 #: (embed_dim, depth) of the ViT sizes MAE released (and tiny/small, handy for tests) -> timm size name.
 VIT_SIZES = {(192, 12): "tiny", (384, 12): "small", (768, 12): "base", (1024, 24): "large", (1280, 32): "huge"}
 
@@ -64,7 +66,7 @@ def mae_vit_spec(state: dict[str, Tensor], arch: str | None) -> tuple[str, dict,
         size = VIT_SIZES.get((width, depth))
         if size is None:
             known = ", ".join(f"{s} (width {w}, depth {d})" for (w, d), s in VIT_SIZES.items())
-            raise ValueError(f"cannot infer the ViT of an MAE checkpoint with width {width} and depth {depth} "
+            raise UserError(f"cannot infer the ViT of an MAE checkpoint with width {width} and depth {depth} "
                              f"(known: {known}); pass arch, e.g. arch='vit_base_patch16_224'.")
         named = f"vit_{size}_patch{patch}_224"
         arch = named if timm.is_model(named) else f"vit_{size}_patch16_224"
@@ -141,6 +143,6 @@ def convnextv2_spec(state: dict[str, Tensor], arch: str | None) -> tuple[str, di
     if arch is None:
         arch = CONVNEXTV2_SIZES.get(width)
         if arch is None:
-            raise ValueError(f"cannot infer the ConvNeXt V2 size from stem width {width} "
+            raise UserError(f"cannot infer the ConvNeXt V2 size from stem width {width} "
                              f"(known: {sorted(CONVNEXTV2_SIZES)}); pass arch, e.g. arch='convnextv2_base'.")
     return arch, {}, convnextv2_dense_to_timm(state)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ssl_kit.errors import UserError
+
 
 class ComparisonMLP(nn.Module):
     """Linear -> BatchNorm -> ReLU blocks, then a linear output (BYOL's projector; ReLICv2's
@@ -27,7 +29,7 @@ class ComparisonMLP(nn.Module):
     ) -> None:
         super().__init__()
         if num_layers < 1:
-            raise ValueError(f"num_layers={num_layers} is not allowed: use num_layers >= 1.")
+            raise UserError(f"num_layers={num_layers} is not allowed: use num_layers >= 1.")
         layers: list[nn.Module] = []
         width = in_dim
         for _ in range(num_layers - 1):

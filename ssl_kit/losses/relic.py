@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssl_kit.errors import UserError
+
 
 def relic_loss(
     online: Tensor,
@@ -120,7 +122,7 @@ def sample_candidates(n: int, num_negatives: int, generator: torch.Generator, de
         returns (N, N) bool with a True diagonal and ``num_negatives + 1`` True per row.
     """
     if not 1 <= num_negatives <= n - 1:
-        raise ValueError(f"num_negatives={num_negatives} is not allowed with a global batch of {n}: "
+        raise UserError(f"num_negatives={num_negatives} is not allowed with a global batch of {n}: "
                          f"use 1 <= num_negatives <= {n - 1}, or null for every other image.")
     scores = torch.rand(n, n, generator=generator, device=generator.device)
     scores.fill_diagonal_(2.0)  # the positive always ranks first

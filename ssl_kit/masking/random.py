@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ssl_kit.errors import UserError
+
 
 def check_mask_ratio(mask_ratio: float) -> float:
     """Raise unless ``0 < mask_ratio < 1`` (used by every masked method's constructor)."""
     if not 0.0 < float(mask_ratio) < 1.0:
-        raise ValueError(f"mask_ratio={mask_ratio!r} is not allowed: it must lie strictly between 0 and 1.")
+        raise UserError(f"mask_ratio={mask_ratio!r} is not allowed: it must lie strictly between 0 and 1.")
     return float(mask_ratio)
 
 

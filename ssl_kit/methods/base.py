@@ -142,7 +142,8 @@ class SSLMethod(pl.LightningModule):
         for group in optimizer.param_groups:
             group["lr"] *= scale
         peak_lr = optimizer.param_groups[0]["lr"]
-        self.print(f"global batch {global_batch} -> lr {peak_lr:.3g} (scaling x{scale:.4g})")
+        if self.trainer.is_global_zero:  # not self.print: it writes to a progress bar that does not exist yet
+            print(f"global batch {global_batch} -> lr {peak_lr:.3g} (scaling x{scale:.4g})", flush=True)
         self.hparams_extra = {"global_batch_size": global_batch, "peak_lr": peak_lr}
 
         total = max(1, int(self.trainer.estimated_stepping_batches))

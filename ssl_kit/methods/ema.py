@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from ssl_kit.errors import UserError
+
 
 def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
     """``final - (final - base) * (cos(pi * step / total) + 1) / 2``: ``base`` at step 0, ``final``
@@ -42,7 +44,7 @@ class EMATarget(nn.Module):
         super().__init__()
         for name, m in (("base_momentum", base_momentum), ("final_momentum", final_momentum)):
             if not 0.0 <= m <= 1.0:
-                raise ValueError(f"{name}={m} is not allowed: EMA momentum must be in [0, 1].")
+                raise UserError(f"{name}={m} is not allowed: EMA momentum must be in [0, 1].")
         self.base_momentum, self.final_momentum = base_momentum, final_momentum
         self.module = copy.deepcopy(online).requires_grad_(False)
         self.register_buffer("momentum", torch.tensor(float(base_momentum)))

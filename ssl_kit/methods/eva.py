@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ssl_kit.backbones.teacher import FrozenTeacher, TeacherConfig
 from ssl_kit.backbones.vit import create_vit
+from ssl_kit.errors import UserError
 from ssl_kit.losses import masked_negative_cosine
 from ssl_kit.masking.block import block_masking, check_block_masking
 from ssl_kit.methods.base import OptimizerCallable, SSLMethod, adamw
@@ -35,10 +36,17 @@ class EVA(SSLMethod):
         model_name: timm ViT name of the student (``vit_base_patch16_224``, ...).
         img_size: input resolution (divisible by the patch size).
         patch_size: overrides the name's patch size.
+        encoder_kwargs: more ``timm.create_model`` arguments for the student (e.g. ``embed_dim``,
+            ``depth``, ``num_heads`` for a ViT smaller than the name's).
         teacher: the frozen teacher; see :class:`TeacherConfig`.
         mask_ratio: target fraction of masked patches (paper: 0.4).
         min_num_patches: smallest mask block, in patches (BEiT: 16).
         min_aspect: mask blocks have aspect ratios in ``[min_aspect, 1 / min_aspect]`` (BEiT: 0.3).
+        pooled_weight: weight of an extra target, not in the paper (0: off): the student's pooled
+            feature (what evaluators read from it, per ``global_pool``: the mean patch token or the
+            class token), through its own linear head, regresses the teacher's pooled feature with
+            the same negative cosine. The paper's loss trains masked positions only, so the pooled
+            feature of an unmasked image is never fitted to the teacher's; this fits it directly.
         drop_path_rate: student stochastic depth.
         global_pool: the student's feature for evaluators: ``avg`` (mean of the final-norm patch
             tokens, which the loss trains; BEiT/EVA fine-tune this way) or ``token`` (the class token,
@@ -57,10 +65,12 @@ class EVA(SSLMethod):
         model_name: str = "vit_base_patch16_224",
         img_size: int = 224,
         patch_size: int | None = None,
+        encoder_kwargs: dict[str, Any] | None = None,
         teacher: TeacherConfig = TeacherConfig(),
         mask_ratio: float = 0.4,
         min_num_patches: int = 16,
         min_aspect: float = 0.3,
+        pooled_weight: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: Literal["avg", "token"] = "avg",
         crop_scale: tuple[float, float] = (0.2, 1.0),
@@ -88,10 +98,14 @@ class EVA(SSLMethod):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.encoder.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.head = nn.Linear(self.encoder.embed_dim, self.teacher.out_dim)
+        if pooled_weight < 0:
+            raise UserError(f"pooled_weight={pooled_weight} is not allowed: use 0 (off) or a positive weight.")
+        self.pooled_head = nn.Linear(self.encoder.embed_dim, self.teacher.pooled_dim) if pooled_weight > 0 else None
 
     def build_encoder(self) -> nn.Module:
         hp = self.hparams
-        kwargs = dict(img_size=hp.img_size, drop_path_rate=hp.drop_path_rate, global_pool=hp.global_pool)
+        kwargs = dict(hp.encoder_kwargs or {}, img_size=hp.img_size, drop_path_rate=hp.drop_path_rate,
+                      global_pool=hp.global_pool)
         if hp.global_pool == "avg":
             kwargs["fc_norm"] = False  # keep timm's final norm on the tokens (what the loss sees), pool after it
         if hp.patch_size is not None:
@@ -116,7 +130,7 @@ class EVA(SSLMethod):
         """The student on the whole sequence, masked patch embeddings replaced by the mask token.
 
         Shapes:
-            imgs: (B, C, H, W); mask: (B, L) -> patch outputs (B, L, D) after the final norm.
+            imgs: (B, C, H, W); mask: (B, L) -> every output token (B, n_prefix + L, D), after the final norm.
         """
         vit = self.encoder
         x = vit.patch_embed(imgs)  # (B, L, D)
@@ -124,19 +138,28 @@ class EVA(SSLMethod):
         x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = vit._pos_embed(x)  # (B, n_prefix + L, D): position embeddings also mark where masked tokens sit
         x = vit.blocks(vit.norm_pre(x))
-        return vit.norm(x)[:, vit.num_prefix_tokens:]  # (B, L, D)
+        return vit.norm(x)
 
     def forward(self, imgs: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Mask, run the student and the teacher, and score the masked positions.
+        """Mask, run the student and the teacher, and score the masked positions (plus the
+        pooled target when ``pooled_weight > 0``).
 
         Shapes:
             imgs: (B, C, H, W); mask: optional (B, L) -> loss (), mask (B, L) with 1 = masked.
         """
         if mask is None:
             mask = self.draw_mask(imgs.shape[0], imgs.device)
-        target = self.teacher(imgs, self.grid)  # (B, L, D_teacher), no graph
-        pred = self.head(self.forward_student(imgs, mask))  # (B, L, D_teacher)
-        return masked_negative_cosine(pred, target, mask), mask
+        target, pooled_target = self.teacher.targets(imgs, self.grid)  # (B, L, D_t), (B, D_pool); no graph
+        tokens = self.forward_student(imgs, mask)  # (B, n_prefix + L, D)
+        pred = self.head(tokens[:, self.encoder.num_prefix_tokens:])  # (B, L, D_t)
+        loss = masked_negative_cosine(pred, target, mask)
+        if self.pooled_head is not None:
+            n_prefix = self.encoder.num_prefix_tokens
+            pooled = tokens[:, n_prefix:].mean(1, keepdim=True) if self.hparams.global_pool == "avg" else tokens[:, :1]
+            pooled = self.pooled_head(pooled)  # (B, 1, D_pool)
+            every = torch.ones(pooled.shape[:2], device=pooled.device)
+            loss = loss + self.hparams.pooled_weight * masked_negative_cosine(pooled, pooled_target[:, None], every)
+        return loss, mask
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         imgs, _ = batch

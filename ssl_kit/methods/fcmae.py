@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
 
-from ssl_kit.backbones.convnextv2_sparse import check_input, create_convnextv2, forward_sparse, total_stride
+from ssl_kit.backbones.convnextv2_sparse import check_input, create_convnextv2, fcmae_init_, forward_sparse, total_stride
+from ssl_kit.errors import UserError
 from ssl_kit.heads.fcmae_decoder import FCMAEDecoder
 from ssl_kit.losses import masked_mse, pixel_targets, predictions_to_image
 from ssl_kit.masking.hierarchical import random_grid_mask
@@ -31,6 +32,8 @@ class FCMAE(SSLMethod):
         decoder_depth: decoder ConvNeXt V2 blocks (paper: 1).
         norm_pix_loss: regress per-patch normalised pixels (paper's setting).
         drop_path_rate: encoder stochastic depth.
+        init: ``fcmae``: the official FCMAE code's re-initialisation of the encoder
+            (:func:`~ssl_kit.backbones.convnextv2_sparse.fcmae_init_`); ``timm``: timm's default.
         crop_scale: RandomResizedCrop area range.
         optimizer, lr_scaling, warmup_epochs, min_lr_ratio: see :class:`SSLMethod`.
 
@@ -48,6 +51,7 @@ class FCMAE(SSLMethod):
         decoder_depth: int = 1,
         norm_pix_loss: bool = True,
         drop_path_rate: float = 0.0,
+        init: Literal["fcmae", "timm"] = "fcmae",
         crop_scale: tuple[float, float] = (0.2, 1.0),
         optimizer: OptimizerCallable = adamw,
         lr_scaling: bool = True,
@@ -66,11 +70,11 @@ class FCMAE(SSLMethod):
         self.encoder.head.requires_grad_(False)
         self.patch_size = total_stride(self.encoder)
         if img_size % self.patch_size:
-            raise ValueError(f"img_size={img_size} is not divisible by the network's total stride "
+            raise UserError(f"img_size={img_size} is not divisible by the network's total stride "
                              f"{self.patch_size}; choose a multiple of {self.patch_size}.")
         self.grid = (img_size // self.patch_size, img_size // self.patch_size)
         if int(self.grid[0] * self.grid[1] * (1 - self.mask_ratio)) < 1:
-            raise ValueError(f"img_size={img_size} gives {self.grid[0] * self.grid[1]} patches of "
+            raise UserError(f"img_size={img_size} gives {self.grid[0] * self.grid[1]} patches of "
                              f"{self.patch_size} px; mask_ratio={mask_ratio} would keep none.")
         self.decoder = FCMAEDecoder(
             in_dim=self.encoder.num_features,
@@ -83,7 +87,8 @@ class FCMAE(SSLMethod):
         hp = self.hparams
         kwargs = dict(drop_path_rate=hp.drop_path_rate)
         self.encoder_spec = (hp.model_name, kwargs)
-        return create_convnextv2(hp.model_name, **kwargs)
+        encoder = create_convnextv2(hp.model_name, **kwargs)
+        return fcmae_init_(encoder) if hp.init == "fcmae" else encoder
 
     def train_transform(self) -> Callable:
         return MaskedImageTransform(self.img_size, scale=self.crop_scale)

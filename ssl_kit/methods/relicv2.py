@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ssl_kit.backbones.vit import check_timm_name
+from ssl_kit.errors import UserError
 from ssl_kit.heads import ComparisonMLP
 from ssl_kit.losses import relicv2_loss, sample_candidates
 from ssl_kit.methods.base import OptimizerCallable, SSLMethod
@@ -110,7 +111,7 @@ class ReLICv2(SSLMethod):
         self.encoder_spec = (hp.model_name, kwargs)
         encoder = timm.create_model(hp.model_name, pretrained=False, num_classes=0, **kwargs)
         if hp.n_small > 0 and hasattr(encoder, "patch_embed") and not getattr(encoder, "dynamic_img_size", True):
-            raise ValueError(f"{hp.model_name!r} has a fixed input size but small crops are {hp.small_size} px: "
+            raise UserError(f"{hp.model_name!r} has a fixed input size but small crops are {hp.small_size} px: "
                              "add encoder_kwargs {dynamic_img_size: true} (or set n_small: 0).")
         return encoder
 
@@ -129,11 +130,11 @@ class ReLICv2(SSLMethod):
     def _training_relpaths(self) -> list[str]:
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
-            raise ValueError("saliency_root needs the training data module to match masks to images.")
+            raise UserError("saliency_root needs the training data module to match masks to images.")
         subset = dm.split("train", None).subset
         source = subset.dataset
         if not hasattr(source, "files"):
-            raise ValueError(f"saliency_root matches masks to image files: it needs data.dataset=folder, "
+            raise UserError(f"saliency_root matches masks to image files: it needs data.dataset=folder, "
                              f"not {dm.dataset!r} (0 images matched).")
         return [source.files[i].relative_to(source.root).as_posix() for i in subset.indices]
 
@@ -226,7 +227,7 @@ class ReLICv2(SSLMethod):
         if n_e is not None:
             global_batch = self.global_batch_size() // self.trainer.accumulate_grad_batches
             if not 1 <= n_e <= global_batch - 1:
-                raise ValueError(f"num_negatives={n_e} is not allowed with a global batch of {global_batch} "
+                raise UserError(f"num_negatives={n_e} is not allowed with a global batch of {global_batch} "
                                  f"({world} process(es)): use 1 <= num_negatives <= {global_batch - 1}, or null.")
 
 
@@ -254,10 +255,10 @@ def _check_args(n_large, n_small, img_size, small_size, p_m, temperature, alpha,
                 saliency_root) -> None:
     check_multicrop(n_large, n_small, img_size, small_size, p_m)
     if temperature <= 0:
-        raise ValueError(f"temperature={temperature} is not allowed: use temperature > 0.")
+        raise UserError(f"temperature={temperature} is not allowed: use temperature > 0.")
     if alpha < 0 or beta < 0 or alpha + beta == 0:
-        raise ValueError(f"alpha={alpha}, beta={beta} are not allowed: use alpha, beta >= 0, not both 0.")
+        raise UserError(f"alpha={alpha}, beta={beta} are not allowed: use alpha, beta >= 0, not both 0.")
     if num_negatives is not None and num_negatives < 1:
-        raise ValueError(f"num_negatives={num_negatives} is not allowed: use >= 1, or null for all.")
+        raise UserError(f"num_negatives={num_negatives} is not allowed: use >= 1, or null for all.")
     if p_m > 0 and not saliency_root:
-        raise ValueError(f"p_m={p_m} needs saliency_root (a folder of precomputed masks).")
+        raise UserError(f"p_m={p_m} needs saliency_root (a folder of precomputed masks).")

@@ -8,6 +8,8 @@ from typing import Iterable
 import torch
 from torch.optim import Optimizer
 
+from ssl_kit.errors import UserError
+
 
 class LARS(Optimizer):
     """SGD with momentum whose per-tensor step is scaled by the trust ratio
@@ -34,7 +36,7 @@ class LARS(Optimizer):
         trust_coefficient: float = 0.001, exclude_bias_and_norm: bool = True,
     ) -> None:
         if lr < 0 or momentum < 0 or weight_decay < 0 or trust_coefficient <= 0:
-            raise ValueError(f"LARS: lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0 "
+            raise UserError(f"LARS: lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0 "
                              f"and trust_coefficient={trust_coefficient} > 0.")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, exclude_bias_and_norm=exclude_bias_and_norm)

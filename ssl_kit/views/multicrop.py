@@ -22,6 +22,7 @@ from torchvision.transforms import v2 as T
 
 from ssl_kit.data.datasets import scan_images
 from ssl_kit.data.decode import RandomResizedCropFlip, as_pil
+from ssl_kit.errors import UserError
 from ssl_kit.views.basic import IMAGENET_MEAN, IMAGENET_STD
 
 #: ``img.info`` key where ImageFolder records an image's path relative to the data root.
@@ -92,15 +93,15 @@ def blur_kernel(size: int) -> int:
 def check_multicrop(n_large: int, n_small: int, large_size: int, small_size: int, p_m: float) -> None:
     """Raise a ValueError naming the bad value before any data is read."""
     if n_large < 1:
-        raise ValueError(f"n_large={n_large} is not allowed: ReLICv2 needs at least one large crop "
+        raise UserError(f"n_large={n_large} is not allowed: ReLICv2 needs at least one large crop "
                          "(large crops are the targets of every pair).")
     if n_small < 0:
-        raise ValueError(f"n_small={n_small} is not allowed: use n_small >= 0.")
+        raise UserError(f"n_small={n_small} is not allowed: use n_small >= 0.")
     if n_small > 0 and small_size > large_size:
-        raise ValueError(f"small crop size {small_size} is larger than the large crop size {large_size}: "
+        raise UserError(f"small crop size {small_size} is larger than the large crop size {large_size}: "
                          "use small_size <= img_size.")
     if not 0.0 <= p_m <= 1.0:
-        raise ValueError(f"p_m={p_m} is not allowed: the saliency-masking probability must be in [0, 1].")
+        raise UserError(f"p_m={p_m} is not allowed: the saliency-masking probability must be in [0, 1].")
 
 
 class SaliencyMasks:
@@ -125,7 +126,7 @@ class SaliencyMasks:
         matched, total = self.count_matches(relpaths)
         if matched == 0:
             example = next(iter(self.index), "?")
-            raise ValueError(f"saliency_root {str(self.root)!r} matches no training image: 0 of {total} matched "
+            raise UserError(f"saliency_root {str(self.root)!r} matches no training image: 0 of {total} matched "
                              f"(masks are matched by path relative to the data root without extension, "
                              f"e.g. mask {example!r}). Check the folder layout or drop saliency_root.")
         return matched
