@@ -29,6 +29,7 @@ EXTRA_COMMANDS = {
     "knn": "ssl_kit.evaluators.knn_job:knn",
     "bench": "ssl_kit.bench:bench",
     "aggregate": "ssl_kit.evaluators.results:aggregate",
+    "shard": "ssl_kit.data.shard_writer:shard",
     "demo": "ssl_kit.demo:demo",
 }
 

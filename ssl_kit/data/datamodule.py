@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ssl_kit.data.datasets import Digits, ImageFolder, LabeledImages, SyntheticImages
+from ssl_kit.data.shards import ShardSamples
 from ssl_kit.data.sampler import ResumableSampler, fit_position
 from ssl_kit.errors import BadImageError, UserError
 
@@ -32,10 +33,13 @@ class SSLDataModule(pl.LightningDataModule):
     caller without a trainer (evaluation jobs) passes them to :meth:`set_transforms`.
 
     Args:
-        dataset: ``folder`` (images under ``root``), ``digits`` (scikit-learn's bundled digits) or
+        dataset: ``folder`` (images under ``root``), ``shards`` (WebDataset tar shards named by
+            ``root``, see :mod:`ssl_kit.data.shards`), ``digits`` (scikit-learn's bundled digits) or
             ``synthetic`` (generated, for tests and benchmarks).
-        root: image folder (recursive; first-level sub-folders are classes if every image has one).
-        val_root: a separate validation folder; otherwise ``val_fraction`` of ``root`` is held out.
+        root: image folder (recursive; first-level sub-folders are classes if every image has one),
+            or for ``shards`` a shard pattern (``/data/train-{000000..000146}.tar``, ``pipe:...``, URLs).
+        val_root: a separate validation folder (shards for ``shards``); otherwise ``val_fraction``
+            of ``root`` is held out.
         val_fraction: held-out share when there is no ``val_root`` (seeded, fixed split).
         batch_size: per-device batch size.
         eval_batch_size: batch size for feature extraction (defaults to ``batch_size``).
@@ -47,11 +51,15 @@ class SSLDataModule(pl.LightningDataModule):
         bad_images: what an unreadable image (truncated, zero-byte, not an image) does: ``error``
             raises naming the file; ``skip`` logs it, counts it (:attr:`skipped_images`) and
             uses the next readable index instead, so the replacement is the same on every rank.
+        shuffle_buffer: ``shards`` only: each loader worker reads its shards in order and shuffles
+            blocks of this many samples (it holds that many encoded images in memory; 1: no shuffling).
+        gpu_decode: decode training JPEGs on the GPU (nvJPEG) instead of in the loader workers,
+            for single-crop views (MAE, FCMAE, EVA); only used when training on CUDA.
     """
 
     def __init__(
         self,
-        dataset: Literal["folder", "digits", "synthetic"] = "folder",
+        dataset: Literal["folder", "shards", "digits", "synthetic"] = "folder",
         root: str | None = None,
         val_root: str | None = None,
         val_fraction: float = 0.2,
@@ -62,6 +70,8 @@ class SSLDataModule(pl.LightningDataModule):
         synthetic_size: int = 256,
         seed: int = 0,
         bad_images: Literal["error", "skip"] = "skip",
+        shuffle_buffer: int = 1000,
+        gpu_decode: bool = False,
     ) -> None:
         super().__init__()
         if bad_images not in ("error", "skip"):
@@ -70,13 +80,17 @@ class SSLDataModule(pl.LightningDataModule):
         self._skipped = Value("q", 0)  # shared with loader workers
         self._resume_position: tuple[int, int] | None = None
         self._sampler_seed: int | None = None  # a resumed run keeps the order seed of the original
-        if dataset == "folder" and root is None:
-            raise UserError("data.dataset='folder' needs data.root (a directory of images); "
-                             "or use data.dataset='digits' or 'synthetic'.")
+        self._resume_shards: dict | None = None  # shards: the checkpoint's stream positions, checked on resume
+        self.shuffle_buffer, self.gpu_decode, self._stream = shuffle_buffer, gpu_decode, None
+        if dataset in ("folder", "shards") and root is None:
+            raise UserError(f"data.dataset={dataset!r} needs data.root (a directory of images, or shards "
+                            f"for 'shards'); or use data.dataset='digits' or 'synthetic'.")
         if not 0.0 <= val_fraction < 1.0:
             raise UserError(f"val_fraction={val_fraction} is not allowed: use 0 <= val_fraction < 1.")
         if batch_size < 1:
             raise UserError(f"batch_size={batch_size} is not allowed: it must be >= 1.")
+        if shuffle_buffer < 1:
+            raise UserError(f"shuffle_buffer={shuffle_buffer} is not allowed: it must be >= 1 (1: no shuffling).")
         self.dataset, self.root, self.val_root = dataset, root, val_root
         self.val_fraction, self.seed = val_fraction, seed
         self.batch_size = batch_size
@@ -92,13 +106,17 @@ class SSLDataModule(pl.LightningDataModule):
 
     def check(self) -> None:
         """Scan the data now (before any long work) so a bad root fails at start."""
-        self._build_splits()
+        splits = self._build_splits()
+        if self.dataset == "shards" and len(splits["val"]):
+            _base(splits["val"]).check_random_access("the validation split (data.val_fraction / data.val_root)")
 
     def _source(self, root: str | None, classes: list[str] | None = None) -> LabeledImages:
         if self.dataset == "digits":
             return Digits(size=self.image_size)
         if self.dataset == "synthetic":
             return SyntheticImages(self.synthetic_size, size=self.image_size)
+        if self.dataset == "shards":
+            return ShardSamples(root, classes=classes, bad_images=self.bad_images)
         return ImageFolder(root, classes=classes)
 
     def _build_splits(self) -> dict[str, Dataset]:
@@ -190,9 +208,20 @@ class SSLDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_transform is None:
             raise RuntimeError("SSLDataModule has no training transform: attach it to a model or call set_transforms().")
-        dataset = self.split("train", self.train_transform)
+        transform = self.train_transform
+        if self.gpu_decode:
+            from ssl_kit.data.gpu_decode import gpu_view
+
+            transform = gpu_view(transform, self.trainer)
+        dataset = self.split("train", transform)
         if len(dataset) < self.batch_size:
             raise UserError(f"the training split has {len(dataset)} images, fewer than batch_size={self.batch_size}.")
+        if self.dataset == "shards":
+            from ssl_kit.data.shard_stream import shard_loader
+
+            loader = shard_loader(self, dataset, _seeded)
+            self._stream = loader.dataset
+            return loader
         return self._train_loader(dataset)
 
     def eval_dataloader(self, name: Literal["train", "val"]) -> DataLoader:
@@ -210,13 +239,17 @@ class SSLDataModule(pl.LightningDataModule):
         if self.trainer is None:
             return {}
         epoch, batches_done = fit_position(self.trainer)
-        return {"sampler_seed": self.sampler_seed(), "sampler_epoch": epoch, "sampler_batches_done": batches_done}
+        state = {"sampler_seed": self.sampler_seed(), "sampler_epoch": epoch, "sampler_batches_done": batches_done}
+        if self._stream is not None:  # shards: each stream's shard and offset, checked when resuming
+            state["shards"] = self._stream.record(epoch, batches_done)
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         # Restored before the trainer's loops are (and before the first training iterator is made).
         if "sampler_epoch" in state_dict:
             self._sampler_seed = int(state_dict["sampler_seed"])
             self._resume_position = (int(state_dict["sampler_epoch"]), int(state_dict["sampler_batches_done"]))
+        self._resume_shards = state_dict.get("shards")
 
     def _sampler_position(self) -> tuple[int, int]:
         if self._resume_position is not None:
@@ -245,6 +278,7 @@ class _Transformed(Dataset):
     def __init__(self, subset: Subset, transform: Callable | None, bad_images: str = "error", skipped=None) -> None:
         self.subset, self.transform = subset, transform
         self.bad_images, self.skipped = bad_images, skipped
+        self.encoded = getattr(transform, "accepts_encoded", False)  # fast decode: see ssl_kit/data/decode.py
 
     def __len__(self) -> int:
         return len(self.subset)
@@ -263,7 +297,7 @@ class _Transformed(Dataset):
         for step in range(min(n, MAX_BAD_RUN)):
             i = self.subset.indices[(index + step) % n]
             try:
-                return i, base.load(i)
+                return i, base.load_encoded(i) if self.encoded else base.load(i)
             except OSError as err:
                 if self.bad_images == "error":
                     raise BadImageError(f"{err} (data.bad_images='error'; 'skip' trains past unreadable files)") from err

@@ -31,6 +31,12 @@ class LabeledImages(Dataset):
     def load(self, index: int) -> Image.Image:
         raise NotImplementedError
 
+    def load_encoded(self, index: int):
+        """The image for a transform with ``accepts_encoded`` (see :mod:`ssl_kit.data.decode`): an
+        undecoded :class:`~ssl_kit.data.decode.EncodedImage` where the source has JPEG bytes, else
+        :meth:`load`'s PIL image. Unreadable images raise ``OSError`` here, as in :meth:`load`."""
+        return self.load(index)
+
     def __getitem__(self, index: int):
         img = self.load(index)
         if self.transform is not None:
@@ -138,6 +144,16 @@ class ImageFolder(LabeledImages):
         # Transforms that need per-image side data (ReLICv2's saliency masks) look it up by this path.
         img.info["relpath"] = self.files[index].relative_to(self.root).as_posix()
         return img
+
+    def load_encoded(self, index: int):
+        from ssl_kit.data.decode import EncodedImage  # decode.py builds on this module
+
+        path = self.files[index]
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise OSError(f"cannot read image {str(path)!r}: {err}") from err
+        return EncodedImage.open(data, str(path), info={"relpath": path.relative_to(self.root).as_posix()})
 
 
 class Digits(LabeledImages):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from torchvision.transforms import v2 as T
 import torch
 
+from ssl_kit.data.decode import RandomResizedCropFlip
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -13,8 +15,11 @@ def _to_normalised_tensor() -> list:
     return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
 
 
-class MaskedImageTransform(T.Compose):
-    """MAE/FCMAE/EVA augmentation: RandomResizedCrop(scale) + horizontal flip, then normalise.
+class MaskedImageTransform(RandomResizedCropFlip):
+    """MAE/FCMAE/EVA augmentation: RandomResizedCrop(scale, bicubic) + horizontal flip, then normalise.
+
+    On the fast decode path (:mod:`ssl_kit.data.decode`): JPEGs are decoded only as far as the
+    crop needs, with the same crops and flips as torchvision's transforms would draw.
 
     Args:
         img_size: output side.
@@ -23,11 +28,7 @@ class MaskedImageTransform(T.Compose):
     """
 
     def __init__(self, img_size: int, scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5) -> None:
-        super().__init__([
-            T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-            T.RandomHorizontalFlip(hflip),
-            *_to_normalised_tensor(),
-        ])
+        super().__init__(img_size, scale=scale, hflip=hflip, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 class EvalTransform(T.Compose):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2 as T
 
 from ssl_kit.data.datasets import scan_images
+from ssl_kit.data.decode import RandomResizedCropFlip, as_pil
 from ssl_kit.errors import UserError
 from ssl_kit.views.basic import IMAGENET_MEAN, IMAGENET_STD
 
@@ -135,6 +136,7 @@ class SaliencyMasks:
         path = self.index.get(_stem(img.info.get(RELPATH_KEY, "")))
         if path is None:
             return None
+        img = as_pil(img)  # an undecoded JPEG is decoded in full only when it has a mask
         with Image.open(path) as m:
             mask = m.convert("L").resize(img.size, Image.NEAREST).point(lambda v: 255 if v > 127 else 0)
         return Image.composite(img, Image.new("RGB", img.size), mask)
@@ -184,6 +186,9 @@ class MultiCropTransform:
         self.photometric = [view_photometric(v, views).torchvision(s) if photometric else T.Identity()
                             for v, s in enumerate(self.sizes)]
 
+    #: Takes an undecoded JPEG (:class:`ssl_kit.data.decode.EncodedImage`): views decode only what they crop.
+    accepts_encoded = True
+
     def __call__(self, img: Image.Image) -> list[Tensor]:
         removed = self.saliency.remove_background(img) if self.saliency is not None and self.p_m > 0 else None
         out = []
@@ -195,10 +200,6 @@ class MultiCropTransform:
         return out
 
 
-def _geometric(size: int, scale: tuple[float, float]) -> T.Compose:
-    return T.Compose([
-        T.RandomResizedCrop(size, scale=scale, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-        T.RandomHorizontalFlip(),
-        T.ToImage(),
-        T.ToDtype(torch.float32, scale=True),  # in [0, 1]: PIL's bicubic resize clips to uint8
-    ])
+def _geometric(size: int, scale: tuple[float, float]) -> RandomResizedCropFlip:
+    # RandomResizedCrop (bicubic) + flip, in [0, 1]: the uint8 bicubic resize clips like PIL's.
+    return RandomResizedCropFlip(size, scale=scale)
