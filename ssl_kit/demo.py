@@ -15,28 +15,68 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import torch
+import yaml
 
 from ssl_kit.callbacks.report import COLUMNS, ENCODERS, top1
 from ssl_kit.errors import UserError
 
-#: Demo name -> (config, what the demo trains). EVA's teacher is the MAE demo's encoder.
-DEMOS = {
-    "mae": ("configs/demo/mae.yaml", "MAE, ViT 128x6 patch 4 @ 32 px"),
-    "fcmae": ("configs/demo/fcmae.yaml", "FCMAE, ConvNeXt V2-Atto @ 64 px"),
-    "relicv2": ("configs/demo/relicv2.yaml", "ReLICv2, ResNet-18 @ 32/16 px"),
-    "eva": ("configs/demo/eva.yaml", "EVA, ViT 128x6 student of the MAE demo"),
-}
-TEACHER_OF = {"eva": "mae"}
+DEMO_DIR = "configs/demo"
+#: A value ``runs/demo/<name>/last.ckpt`` in a demo's config: that demo trains this one's teacher.
+_TEACHER_RUN = re.compile(r"^runs/demo/(\w+)/last\.ckpt$")
+
+
+@dataclass(frozen=True)
+class Demo:
+    """One CPU demo: ``configs/demo/<name>.yaml``.
+
+    Attributes:
+        config: the config path as a user types it (``configs/demo/<name>.yaml``).
+        what: one line for the results table (the ``# demo:`` header line, else method and encoder).
+        teacher: ``(demo, option)``: the option (``--model.init_args.teacher.checkpoint``) that takes
+            the ``last.ckpt`` of another demo's run, or None.
+    """
+
+    config: str
+    what: str
+    teacher: tuple[str, str] | None = None
 
 
 def _config_path(relative: str) -> Path:
     """``configs/...`` from the working directory, else from the repository holding this package."""
     here = Path(relative)
-    return here if here.is_file() else Path(__file__).resolve().parents[1] / relative
+    return here if here.exists() else Path(__file__).resolve().parents[1] / relative
+
+
+def _teacher_option(node, key: str = "") -> tuple[str, str] | None:
+    """The first ``runs/demo/<name>/last.ckpt`` value under ``node``: (name, dotted option)."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            found = _teacher_option(v, f"{key}.{k}" if key else str(k))
+            if found:
+                return found
+    elif isinstance(node, str) and (m := _TEACHER_RUN.match(node)):
+        return m.group(1), "--" + key
+    return None
+
+
+def find_demos() -> dict[str, Demo]:
+    """Every ``configs/demo/*.yaml`` by name (a new method's demo config is picked up by itself)."""
+    demos = {}
+    for path in sorted(_config_path(DEMO_DIR).glob("*.yaml")):
+        text = path.read_text()
+        config = yaml.safe_load(text) or {}
+        header = re.search(r"^# demo: (.+)$", text, re.M)
+        model = config.get("model", {}) or {}
+        args = model.get("init_args", {}) or {}
+        what = header.group(1).strip() if header else ", ".join(
+            str(x) for x in (model.get("class_path", "?").rsplit(".", 1)[-1], args.get("model_name")) if x)
+        demos[path.stem] = Demo(f"{DEMO_DIR}/{path.name}", what, _teacher_option(config))
+    return demos
 
 
 def machine() -> str:
@@ -55,14 +95,14 @@ def machine() -> str:
             f"Lightning {pl.__version__}, Python {platform.python_version()}")
 
 
-def run_demo(name: str, output: Path, fit_args: list[str], teacher: Path | None) -> dict:
+def run_demo(name: str, demo: Demo, output: Path, fit_args: list[str], teacher: Path | None) -> dict:
     """Run one demo's ``fit`` as a subprocess; returns its eval.json with the wall time added."""
-    config, _ = DEMOS[name]
+    config = demo.config
     log = output / f"{name}.log"
     args = [sys.executable, "-m", "ssl_kit", "fit", "--config", str(_config_path(config)),
             "--trainer.default_root_dir", str(output / name), *fit_args]
     if teacher is not None:
-        args += ["--model.init_args.teacher.checkpoint", str(teacher)]
+        args += [demo.teacher[1], str(teacher)]
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -72,7 +112,7 @@ def run_demo(name: str, output: Path, fit_args: list[str], teacher: Path | None)
         raise RuntimeError(f"demo {name!r} failed (exit {proc.returncode}); its output is in {log}:\n{text[-3000:]}")
     run_dir = Path(re.findall(r"^run directory: (.+)$", text, re.M)[-1])
     results = json.loads((run_dir / "eval.json").read_text())
-    results.update(demo=name, config=config, run_dir=str(run_dir), wall_s=round(wall, 1))
+    results.update(demo=name, what=demo.what, config=config, run_dir=str(run_dir), wall_s=round(wall, 1))
     return results
 
 
@@ -93,36 +133,53 @@ def results_table(runs: list[dict], when: str, where: str) -> str:
     for r in runs:
         m, s = divmod(int(round(r["wall_s"])), 60)
         cells = " | ".join(_cell(r, key) for key, _ in COLUMNS)
-        lines.append(f"| `{r['config']}` | {DEMOS[r['demo']][1]} | {cells} | {m} min {s:02d} s |")
+        lines.append(f"| `{r['config']}` | {r['what']} | {cells} | {m} min {s:02d} s |")
     total = sum(r["wall_s"] for r in runs)
     lines.append(f"\nAll {len(runs)} demos: {int(total // 60)} min {int(round(total % 60)):02d} s.")
     return "\n".join(lines) + "\n"
+
+
+def _with_teachers(names: list[str], demos: dict[str, Demo]) -> list[str]:
+    """``names`` in run order: a demo whose teacher is another demo's run comes after that run."""
+    ordered: list[str] = []
+
+    def visit(name: str, seen: tuple[str, ...] = ()) -> None:
+        if name in ordered:
+            return
+        if name in seen:
+            raise UserError(f"demo configs {list(seen)} name each other's runs as teachers (a cycle).")
+        if demos[name].teacher:
+            visit(demos[name].teacher[0], (*seen, name))
+        ordered.append(name)
+
+    for name in names:
+        visit(name)
+    return ordered
 
 
 def demo(methods: list[str] | None = None, output: str = "runs/demo", fit_args: list[str] | None = None) -> list[dict]:
     """Run the CPU demos in turn and write the results table (Markdown) and JSON from the runs.
 
     Args:
-        methods: which demos (default all: mae, fcmae, relicv2, eva). EVA's teacher is the MAE
-            demo's encoder, so ``eva`` alone trains the MAE demo first.
+        methods: which demos (default: every ``configs/demo/*.yaml``). A demo whose teacher is
+            another demo's encoder (EVA's is the MAE demo's) trains that demo first.
         output: directory of the runs, the logs, ``results.md`` and ``results.json``.
         fit_args: extra ``fit`` flags for every demo (e.g. ``[--trainer.max_epochs=1]`` for a quick look).
     """
-    names = list(methods or DEMOS)
-    unknown = [n for n in names if n not in DEMOS]
+    demos = find_demos()
+    unknown = [n for n in methods or [] if n not in demos]
     if unknown:
-        raise UserError(f"unknown demo(s) {unknown}: choose from {list(DEMOS)}.")
-    for name in list(names):  # a demo needs its teacher's run first
-        if name in TEACHER_OF and TEACHER_OF[name] not in names:
-            names.insert(names.index(name), TEACHER_OF[name])
+        raise UserError(f"unknown demo(s) {unknown}: choose from {list(demos)}.")
+    names = _with_teachers(list(methods or demos), demos)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}
     for i, name in enumerate(names, 1):
-        print(f"[{i}/{len(names)}] {name}: python -m ssl_kit fit --config {DEMOS[name][0]} (log: {out / name}.log)",
+        d = demos[name]
+        print(f"[{i}/{len(names)}] {name}: python -m ssl_kit fit --config {d.config} (log: {out / name}.log)",
               flush=True)
-        teacher = Path(runs[TEACHER_OF[name]]["run_dir"]) / "last.ckpt" if name in TEACHER_OF else None
-        runs[name] = r = run_demo(name, out, list(fit_args or []), teacher)
+        teacher = Path(runs[d.teacher[0]]["run_dir"]) / "last.ckpt" if d.teacher else None
+        runs[name] = r = run_demo(name, d, out, list(fit_args or []), teacher)
         summary = ", ".join(f"{title} {_cell(r, key)}" for key, title in COLUMNS if _cell(r, key) != "-")
         print(f"[{i}/{len(names)}] {name}: {r['wall_s']:.0f} s; top-1 pretrained / random / pixels: {summary}",
               flush=True)

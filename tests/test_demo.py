@@ -12,6 +12,7 @@ import torch
 from conftest import TINY_MAE, assert_ok, run_cli
 from ssl_kit.callbacks.report import EvalReport, format_report
 from ssl_kit.data import SSLDataModule
+from ssl_kit.demo import _with_teachers, find_demos
 from ssl_kit.evaluators.batchnorm import recalibrate_batchnorm
 from ssl_kit.views import EvalTransform
 
@@ -83,7 +84,7 @@ def test_format_report_lists_every_row_and_protocol():
 
 @pytest.mark.slow
 def test_demo_job_runs_every_demo_and_writes_the_table_from_the_runs(tmp_path):
-    """All four demo configs through the real `demo` job (2 training steps each on a small synthetic
+    """Every demo config through the real `demo` job (2 training steps each on a small synthetic
     set): every run writes eval.json with the three rows, EVA reads the MAE run as its teacher, and
     results.md / results.json are made from those files."""
     fit_args = ["--trainer.max_steps=2", "--trainer.max_epochs=1", "--data.dataset=synthetic",
@@ -93,7 +94,8 @@ def test_demo_job_runs_every_demo_and_writes_the_table_from_the_runs(tmp_path):
     assert_ok(proc)
     results = json.loads((tmp_path / "results.json").read_text())
     runs = {r["demo"]: r for r in results["runs"]}
-    assert list(runs) == ["mae", "fcmae", "relicv2", "eva"]
+    demos = find_demos()
+    assert sorted(runs) == sorted(demos) and list(runs).index("mae") < list(runs).index("eva")
     for name, r in runs.items():
         saved = json.loads((tmp_path / name / "eval.json").read_text())
         for row in ("pretrained", "random_init", "pixels"):
@@ -104,10 +106,28 @@ def test_demo_job_runs_every_demo_and_writes_the_table_from_the_runs(tmp_path):
     assert eva_ckpt["ssl_kit"]["teacher"]["checkpoint"] == str(tmp_path / "mae" / "last.ckpt")
     table = (tmp_path / "results.md").read_text()
     mae_knn = runs["mae"]["pretrained"]["knn"]["top1"]
-    assert f"{mae_knn:.1f}" in table and table.count("| `configs/demo/") == 4
-    assert "[4/4] eva" in proc.stdout
+    assert f"{mae_knn:.1f}" in table and table.count("| `configs/demo/") == len(demos)
+    assert f"[{len(demos)}/{len(demos)}]" in proc.stdout
 
 
 def test_demo_job_refuses_an_unknown_demo(tmp_path):
     proc = run_cli("demo", "--methods", "[mae,dino2]", "--output", str(tmp_path))
     assert proc.returncode == 2 and "dino2" in proc.stderr and "choose from" in proc.stderr
+
+
+def test_demo_configs_are_discovered_and_teachers_run_first(tmp_path, monkeypatch):
+    """A new ``configs/demo/<name>.yaml`` is a demo by itself; a config naming another demo's run as
+    its teacher is run after that demo, with the option that names it."""
+    demo_dir = tmp_path / "configs" / "demo"
+    demo_dir.mkdir(parents=True)
+    (demo_dir / "alpha.yaml").write_text(
+        "model:\n  class_path: x.Student\n  init_args:\n    model_name: vit_t\n"
+        "    teacher:\n      checkpoint: runs/demo/zeta/last.ckpt\n")
+    (demo_dir / "zeta.yaml").write_text("# demo: Zeta, a teacher\nmodel:\n  class_path: x.Zeta\n")
+    monkeypatch.chdir(tmp_path)
+    demos = find_demos()
+    assert list(demos) == ["alpha", "zeta"]
+    assert demos["alpha"].what == "Student, vit_t" and demos["zeta"].what == "Zeta, a teacher"
+    assert demos["alpha"].teacher == ("zeta", "--model.init_args.teacher.checkpoint")
+    assert _with_teachers(["alpha"], demos) == ["zeta", "alpha"]
+    assert _with_teachers(["zeta", "alpha"], demos) == ["zeta", "alpha"]
