@@ -157,7 +157,29 @@ def _with_teachers(names: list[str], demos: dict[str, Demo]) -> list[str]:
     return ordered
 
 
-def demo(methods: list[str] | None = None, output: str = "runs/demo", fit_args: list[str] | None = None) -> list[dict]:
+README_START, README_END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
+
+
+def _readme_markers(readme: Path) -> tuple[str, int, int]:
+    """README's text and the positions of its two demo-results markers (checked before any run)."""
+    if not readme.is_file():
+        raise UserError(f"--readme {str(readme)!r} is not a file.")
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise UserError(f"--readme {str(readme)!r} has no {README_START} ... {README_END} markers to paste the "
+                        "table between.")
+    return text, start, end
+
+
+def paste_into_readme(readme: Path, table: str) -> None:
+    """Replace what lies between README's two demo-results markers with ``table``."""
+    text, start, end = _readme_markers(readme)
+    readme.write_text(text[:start + len(README_START)] + "\n" + table + text[end:])
+
+
+def demo(methods: list[str] | None = None, output: str = "runs/demo", fit_args: list[str] | None = None,
+         readme: str | None = None) -> list[dict]:
     """Run the CPU demos in turn and write the results table (Markdown) and JSON from the runs.
 
     Args:
@@ -165,8 +187,11 @@ def demo(methods: list[str] | None = None, output: str = "runs/demo", fit_args: 
             another demo's encoder (EVA's is the MAE demo's) trains that demo first.
         output: directory of the runs, the logs, ``results.md`` and ``results.json``.
         fit_args: extra ``fit`` flags for every demo (e.g. ``[--trainer.max_epochs=1]`` for a quick look).
+        readme: also paste the table into this file, between its demo-results markers.
     """
     demos = find_demos()
+    if readme is not None:
+        _readme_markers(Path(readme))
     unknown = [n for n in methods or [] if n not in demos]
     if unknown:
         raise UserError(f"unknown demo(s) {unknown}: choose from {list(demos)}.")
@@ -187,5 +212,8 @@ def demo(methods: list[str] | None = None, output: str = "runs/demo", fit_args: 
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps({"machine": machine(), "date": date.today().isoformat(),
                                                   "runs": list(runs.values())}, indent=2) + "\n")
-    print("\n" + table + f"\nwritten to {out / 'results.md'} and {out / 'results.json'}")
+    if readme is not None:
+        paste_into_readme(Path(readme), table)
+    print("\n" + table + f"\nwritten to {out / 'results.md'} and {out / 'results.json'}"
+          + (f", and pasted into {readme}" if readme else ""))
     return list(runs.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from conftest import TINY_MAE, assert_ok, run_cli
 from ssl_kit.callbacks.report import EvalReport, format_report
 from ssl_kit.data import SSLDataModule
-from ssl_kit.demo import _with_teachers, find_demos
+from ssl_kit.demo import README_END, README_START, _with_teachers, find_demos, paste_into_readme
 from ssl_kit.evaluators.batchnorm import recalibrate_batchnorm
 from ssl_kit.views import EvalTransform
 
@@ -131,3 +132,20 @@ def test_demo_configs_are_discovered_and_teachers_run_first(tmp_path, monkeypatc
     assert demos["alpha"].teacher == ("zeta", "--model.init_args.teacher.checkpoint")
     assert _with_teachers(["alpha"], demos) == ["zeta", "alpha"]
     assert _with_teachers(["zeta", "alpha"], demos) == ["zeta", "alpha"]
+
+
+def test_demo_table_is_pasted_between_the_readme_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{README_START}\nold table\n{README_END}\n\nafter\n")
+    paste_into_readme(readme, "| new | table |\n")
+    assert readme.read_text() == f"# x\n\n{README_START}\n| new | table |\n{README_END}\n\nafter\n"
+    paste_into_readme(readme, "| newer |\n")  # pasting again replaces, never appends
+    assert readme.read_text().count("table") == 0 and "| newer |" in readme.read_text()
+    (tmp_path / "plain.md").write_text("no markers\n")
+    proc = run_cli("demo", "--readme", str(tmp_path / "plain.md"), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "markers" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_the_readme_holds_the_demo_markers():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert text.count(README_START) == 1 and text.index(README_START) < text.index(README_END)
