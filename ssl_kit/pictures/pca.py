@@ -19,6 +19,9 @@ MIN_CELLS = 8
 #: Components whose spread is below this share of the first one's are not stretched to full range.
 MIN_SPREAD = 0.1
 
+#: Images the PCA is fitted on (the grid shows the first few): enough to estimate each location's mean.
+PCA_IMAGES = 64
+
 
 def is_vit(encoder: nn.Module) -> bool:
     """A timm ViT-like model: patch embedding plus prefix tokens, features as tokens."""
@@ -76,19 +79,26 @@ def _total_stride(encoder: nn.Module, img_size: int) -> int:
             return max(1, img_size // patch_features(encoder, probe).shape[-1])
 
 
-def pca_rgb(feats: Tensor) -> Tensor:
+def pca_rgb(feats: Tensor, centre_locations: bool = True) -> Tensor:
     """The first three principal components of all locations of all images, as RGB in [0, 1].
 
     The components are fitted jointly over every image, so one colour means one direction of
-    feature space across the grid. Each is stretched between its 1st and 99th percentiles;
-    components with almost no spread (below :data:`MIN_SPREAD` of the first's) are not stretched,
-    so they stay flat instead of showing amplified noise.
+    feature space across the grid. With ``centre_locations`` (and two images or more) each
+    location's mean over the images is removed first: what every image shares at a location is
+    mostly the position embedding (and a common background), which otherwise takes the first
+    components and paints every image with the same position gradient (seen on the MAE demo).
+    Each component is stretched between its 1st and 99th percentiles; components with almost no
+    spread (below :data:`MIN_SPREAD` of the first's) are not stretched, so they stay flat
+    instead of showing amplified noise.
 
     Shapes:
         feats: (B, D, h, w) -> (B, 3, h, w)
     """
     B, D, h, w = feats.shape
-    x = feats.detach().permute(0, 2, 3, 1).reshape(-1, D).double().cpu().numpy()  # (B*h*w, D)
+    feats = feats.detach().double()
+    if centre_locations and B > 1:
+        feats = feats - feats.mean(0, keepdim=True)  # (B, D, h, w): per-location mean over images removed
+    x = feats.permute(0, 2, 3, 1).reshape(-1, D).cpu().numpy()  # (B*h*w, D)
     n = min(3, D, x.shape[0])
     comps = PCA(n_components=n).fit_transform(x)  # (B*h*w, n)
     lo, hi = np.percentile(comps, [1, 99], axis=0)
@@ -99,10 +109,12 @@ def pca_rgb(feats: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def pca_picture(encoder: nn.Module, imgs: Tensor, size: int | None = None, tile: int = 64) -> tuple[Image.Image, str]:
+def pca_picture(encoder: nn.Module, imgs: Tensor, size: int | None = None, tile: int = 64,
+                num_shown: int | None = None) -> tuple[Image.Image, str]:
     """Rows: the images, then the PCA of their patch features (enlarged to the image tile).
 
-    Returns the picture and a one-line description (grid, input size).
+    The PCA is fitted on every image of ``imgs`` (see :func:`pca_rgb`); the grid shows the first
+    ``num_shown`` (default: all). Returns the picture and a one-line description.
 
     Shapes:
         imgs: (B, 3, H, W), normalised as ssl_kit's evaluation transform does.
@@ -110,8 +122,11 @@ def pca_picture(encoder: nn.Module, imgs: Tensor, size: int | None = None, tile:
     side = pca_input_size(encoder, imgs.shape[-1], size)
     x = imgs if side == imgs.shape[-1] else F.interpolate(imgs, size=(side, side), mode="bicubic", align_corners=False)
     feats = patch_features(encoder, x).float()  # (B, D, h, w)
-    rgb = pca_rgb(feats)  # (B, 3, h, w)
-    rows = [[to_pil(im, tile) for im in denormalise(imgs)], [to_pil(c, tile) for c in rgb]]
+    shown = slice(0, num_shown or imgs.shape[0])
+    rgb = pca_rgb(feats)[shown]  # (num_shown, 3, h, w)
+    rows = [[to_pil(im, tile) for im in denormalise(imgs[shown])], [to_pil(c, tile) for c in rgb]]
     h, w = feats.shape[-2:]
-    note = f"{h}x{w} locations of {feats.shape[1]}-d features at {side} px input"
-    return labelled_grid(rows, ["image", "PCA"], title=f"PCA of patch features ({note})"), note
+    centred = ", each location centred" if imgs.shape[0] > 1 else ""
+    note = f"{h}x{w} locations of {feats.shape[1]}-d features at {side} px input, fitted on {imgs.shape[0]} images{centred}"
+    title = f"PCA of patch features ({h}x{w} at {side} px, fitted on {imgs.shape[0]} images)"
+    return labelled_grid(rows, ["image", "PCA"], title=title), note

@@ -15,13 +15,14 @@ from torch.utils.data import Dataset, Subset
 
 from ssl_kit.pictures.attention import attention_picture, last_attention_module
 from ssl_kit.pictures.embedding import embedding_picture, pooled_features
-from ssl_kit.pictures.pca import pca_picture
+from ssl_kit.pictures.pca import PCA_IMAGES, pca_picture
 from ssl_kit.pictures.reconstructions import reconstruction_picture
 
 #: What each picture shows, as the HTML page explains it.
 CAPTIONS = {
-    "pca.png": "First three principal components of the patch features (fitted jointly over these images) "
-               "as red, green and blue. Regions the encoder represents alike share a colour.",
+    "pca.png": "First three principal components of the patch features as red, green and blue, fitted jointly "
+               "over the first images of the split after removing each location's mean over them (the "
+               "position embedding's share). Regions the encoder represents alike share a colour.",
     "embedding.png": "t-SNE of the pooled features (the vector the k-NN and linear evaluators read). "
                      "Well-separated colours mean labels are recoverable without training the encoder.",
     "reconstructions.png": "Masked input (removed patches grey), the model's reconstruction with the visible "
@@ -74,8 +75,9 @@ def write_report(output: str | Path, inputs: ReportInputs, num_images: int = 8, 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     n = len(inputs.dataset)
-    imgs = torch.stack([inputs.dataset[i][0] for i in range(min(num_images, n))]).to(device)  # (B, 3, H, W)
-    pictures = {"pca.png": pca_picture(inputs.encoder, imgs, pca_size)}
+    fit = torch.stack([inputs.dataset[i][0] for i in range(min(max(num_images, PCA_IMAGES), n))]).to(device)
+    imgs = fit[:num_images]  # (B, 3, H, W): the images of every grid
+    pictures = {"pca.png": pca_picture(inputs.encoder, fit, pca_size, num_shown=num_images)}
     step = max(1, -(-n // max_points))  # ceil: evenly spaced, at most max_points
     feats, labels = pooled_features(inputs.encode or inputs.encoder, Subset(inputs.dataset, range(0, n, step)),
                                     batch_size, num_workers, device)
