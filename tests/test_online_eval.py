@@ -30,6 +30,8 @@ trainer:
     - class_path: ssl_kit.callbacks.OnlineKNN
       init_args: {k: 3}
     - class_path: ssl_kit.callbacks.OnlineLinearProbe
+    - class_path: ssl_kit.callbacks.ShowReport
+      init_args: {num_images: 4, max_points: 8}
 """
 
 
@@ -82,6 +84,9 @@ def test_online_probes_on_a_separate_labelled_set(data):
     assert len(metrics["train/linear_loss"]) == 2  # one probe step per training step
     head = torch.load(run_dir / "last.ckpt", weights_only=True)["callbacks"]["OnlineLinearProbe"]["head"]
     assert head["1.weight"].shape == (2, 32)  # 2 classes of the labelled set, the encoder's width
+    # no validation split (val_fraction 0): the end-of-run pictures are of the training images
+    assert f"pictures of the encoder written to {run_dir / 'report' / 'report.html'}" in proc.stdout
+    assert "8 images, 32-d pooled features, no labels" in (run_dir / "report" / "report.html").read_text()
 
     # without --online_eval the probes see unlabelled data: they say so and skip, training goes on
     proc = run_cli("fit", "--config", "configs/demo/mae.yaml", "--config", str(data / "probes.yaml"), *TINY,

@@ -16,7 +16,8 @@ class ShowReport(pl.Callback):
     ``reconstruct``: MAE, FCMAE) and ``report.html``, and prints the page's path. Place it after
     :class:`~ssl_kit.callbacks.EvalReport` so the page shows the ``eval.json`` written just before.
 
-    Images come from the data module's validation split under the evaluation transform; the
+    Images come from the data module's validation split (the training split when there is no
+    validation split) under the evaluation transform; the
     pooled features are the method's :meth:`~ssl_kit.methods.SSLMethod.extract_features`. The
     process's RNG states are left as they were.
 
@@ -37,8 +38,11 @@ class ShowReport(pl.Callback):
         """What the pictures are drawn from: the trained module, the validation split."""
         dm = trainer.datamodule
         run_dir = Path(trainer.default_root_dir)
+        dataset = dm.split("val", dm.eval_transform)
+        if len(dataset) == 0:  # --data.val_fraction 0 without a val_root: the training images it is
+            dataset = dm.split("train", dm.eval_transform)
         return ReportInputs(
-            encoder=pl_module.encoder, dataset=dm.split("val", dm.eval_transform), encode=pl_module.extract_features,
+            encoder=pl_module.encoder, dataset=dataset, encode=pl_module.extract_features,
             classes=dm.classes() if dm.has_labels() else None,
             reconstructor=pl_module if hasattr(pl_module, "reconstruct") else None,
             eval_json=run_dir / "eval.json", title=f"{type(pl_module).__name__} in {run_dir}",
