@@ -11,11 +11,12 @@ import yaml
 from jsonargparse import ArgumentParser, auto_cli
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from ssl_kit.callbacks import NaNGuard, RunCheckpoint, SpeedUp
+from ssl_kit.callbacks import NaNGuard, OnlineEvalData, RunCheckpoint, SpeedUp
 from ssl_kit.callbacks.resume_guard import ResumeGuard
 from ssl_kit.callbacks.speed import auto_precision
 from ssl_kit.data import SSLDataModule
 from ssl_kit.errors import UserError, parse_error_line, user_errors
+from ssl_kit.loggers import loggers_into_run_dir
 from ssl_kit.methods import SSLMethod
 from ssl_kit.run_dir import (  # noqa: F401  (re-exported: the resume helpers lived here)
     CHECKPOINT_SUFFIXES, RESUME_IF_EXISTS, RESUME_LAST, newest_checkpoint, resume_checkpoint, slurm_requeued,
@@ -31,6 +32,7 @@ EXTRA_COMMANDS = {
     "aggregate": "ssl_kit.evaluators.results:aggregate",
     "shard": "ssl_kit.data.shard_writer:shard",
     "demo": "ssl_kit.demo:demo",
+    "show": "ssl_kit.show:show",
 }
 
 ENCODER_HELP = ("evaluation configs (eval/linear.yaml, eval/finetune.yaml): the encoder to evaluate, an ssl_kit "
@@ -100,6 +102,7 @@ class SSLCLI(LightningCLI):
         parser.add_lightning_class_args(SpeedUp, "speed")
         parser.add_lightning_class_args(NaNGuard, "nan_guard")
         parser.add_lightning_class_args(ResumeGuard, "resume")
+        parser.add_lightning_class_args(OnlineEvalData, "online_eval")
         parser.set_defaults({"trainer.default_root_dir": "runs/default"})
         parser.add_argument("--encoder", type=Optional[str], default=None, help=ENCODER_HELP)
 
@@ -132,6 +135,8 @@ class SSLCLI(LightningCLI):
                 "class_path": "pytorch_lightning.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": str(run_dir), "name": "tb", "version": ""},
             }
+        elif config.trainer.logger is not False:
+            loggers_into_run_dir(config.trainer.logger, run_dir)
         print(f"run directory: {run_dir}")
 
     def before_fit(self) -> None:

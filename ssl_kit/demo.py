@@ -208,6 +208,9 @@ def demo(methods: list[str] | None = None, output: str = "runs/demo", fit_args: 
         summary = ", ".join(f"{title} {_cell(r, key)}" for key, title in COLUMNS if _cell(r, key) != "-")
         print(f"[{i}/{len(names)}] {name}: {r['wall_s']:.0f} s; top-1 pretrained / random / pixels: {summary}",
               flush=True)
+        page = Path(r["run_dir"]) / "report" / "report.html"  # the demo config's ShowReport
+        if page.is_file():
+            print(f"[{i}/{len(names)}] {name}: pictures of the encoder written to {page}", flush=True)
     table = results_table(list(runs.values()), date.today().isoformat(), machine())
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps({"machine": machine(), "date": date.today().isoformat(),

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from ssl_kit.errors import CorruptCheckpointError, MissingFileError, UserError
 from ssl_kit.integrity import CHECKSUM_KEY, check_finite, export_metadata, verify
-from ssl_kit.run_dir import writable_file
+from ssl_kit.run_dir import writable_dir, writable_file
 
 METADATA_KEY = "ssl_kit"
 
@@ -102,17 +102,34 @@ def export(checkpoint: str, output: str | None = None) -> Path:
 
     The file's metadata holds the timm model name and its arguments, so
     ``timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=output), **kwargs)``
-    rebuilds it.
+    rebuilds it. An ``output`` ending in ``/`` (or an existing directory) gets timm's hub layout
+    instead, ``config.json`` + ``model.safetensors``, which
+    ``timm.create_model("local-dir:DIR", pretrained=True, num_classes=0)`` loads with no other argument.
 
     Args:
         checkpoint: an ssl_kit ``.ckpt`` (any method).
-        output: destination ``.safetensors`` path (default: the checkpoint's path with that suffix).
+        output: destination ``.safetensors`` path or ``DIR/`` (default: the checkpoint's path with
+            that suffix).
     """
-    out = writable_file(Path(output) if output is not None else Path(checkpoint).with_suffix(".safetensors"),
-                        "the export")
-    name, kwargs, state = encoder_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    from ssl_kit.export_folder import is_folder_output, write_model_folder
+
+    folder = is_folder_output(output)
+    if folder:
+        out = writable_dir(Path(output), "the export")
+    else:
+        out = writable_file(Path(output) if output is not None else Path(checkpoint).with_suffix(".safetensors"),
+                            "the export")
+    ckpt = load_checkpoint(checkpoint)
+    name, kwargs, state = encoder_from_checkpoint(ckpt, checkpoint)
     tensors = {k: v.contiguous() for k, v in state.items()}
     metadata = {"timm_model": name, "timm_kwargs": json.dumps(kwargs), "format": "pt", **export_metadata(tensors)}
+    if folder:
+        img_size = kwargs.get("img_size", (ckpt.get("hyper_parameters") or {}).get("img_size"))
+        source = {"checkpoint": str(checkpoint), "method": ckpt[METADATA_KEY].get("method")}
+        write_model_folder(out, name, kwargs, tensors, metadata, img_size, source)
+        print(f"exported {len(state)} tensors of {name} {kwargs} to {out}/ (timm hub layout: config.json + "
+              f"model.safetensors, with checksums)")
+        return out
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:  # atomic and durable: never a half-written file at `output`
         save_file(tensors, str(tmp), metadata=metadata)

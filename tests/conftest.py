@@ -15,9 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(2)
 
 
-def run_cli(*args: str, cwd: Path | str = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``python -m ssl_kit ARGS`` as a real subprocess; returns the completed process."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+def run_cli(*args: str, cwd: Path | str = REPO, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m ssl_kit ARGS`` as a real subprocess (environment: ``env`` or this process's);
+    returns the completed process."""
+    env = dict(os.environ if env is None else env, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
     return subprocess.run(
         [sys.executable, "-m", "ssl_kit", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

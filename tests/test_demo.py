@@ -109,6 +109,12 @@ def test_demo_job_runs_every_demo_and_writes_the_table_from_the_runs(tmp_path):
     mae_knn = runs["mae"]["pretrained"]["knn"]["top1"]
     assert f"{mae_knn:.1f}" in table and table.count("| `configs/demo/") == len(demos)
     assert f"[{len(demos)}/{len(demos)}]" in proc.stdout
+    for name in runs:  # every demo ends with its pictures (ShowReport) and prints the page's path
+        page = tmp_path / name / "report" / "report.html"
+        assert f"pictures of the encoder written to {page}" in proc.stdout
+        assert (page.parent / "pca.png").is_file() and (page.parent / "embedding.png").is_file()
+        assert (page.parent / "reconstructions.png").is_file() == (name in ("mae", "fcmae"))
+        assert "eval.json" in page.read_text() and "knn top-1" in page.read_text()
 
 
 def test_demo_job_refuses_an_unknown_demo(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import pytorch_lightning as pl
 import timm
 import torch
@@ -58,3 +59,33 @@ def test_export_cli_refuses_non_ssl_kit_file(tmp_path):
     assert proc.returncode != 0
     assert "not an ssl_kit training checkpoint" in proc.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_folder_export_loads_with_timm_local_dir(tmp_path):
+    """`export CKPT --output DIR/` writes timm's hub layout; timm rebuilds the encoder from the folder
+    alone and its features equal load_encoder's on the checkpoint."""
+    from conftest import assert_ok, run_cli
+    from ssl_kit.evaluators.load import load_encoder
+
+    _, ckpt = _train_two_steps(tmp_path)
+    folder = tmp_path / "vit_mae"
+    proc = run_cli("export", str(ckpt), "--output", f"{folder}/")
+    assert_ok(proc)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224" and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0).eval()
+    reference = load_encoder(ckpt)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference(x))
+        assert torch.equal(load_encoder(folder)(x), reference(x))  # --encoder DIR reads the folder too
+    # timm's resolved data config is ssl_kit's evaluation transform at the checkpoint's resolution
+    data_cfg = timm.data.resolve_data_config({}, model=loaded)
+    assert data_cfg["input_size"] == (3, 32, 32) and data_cfg["crop_pct"] == 0.875
+
+    # the single-file export stays the default
+    assert_ok(run_cli("export", str(ckpt)))
+    assert ckpt.with_suffix(".safetensors").is_file()

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 
+from ssl_kit.callbacks.online_eval import labelled_data
 from ssl_kit.errors import UserError
 from ssl_kit.evaluators.knn import knn_accuracies
 from ssl_kit.evaluators.sharded import dist_rank_world, extract_features_sharded
@@ -15,7 +16,9 @@ from ssl_kit.evaluators.sharded import dist_rank_world, extract_features_sharded
 class OnlineKNN(pl.Callback):
     """Every ``every_n_epochs`` training epochs, weighted k-NN of the model's features on the
     validation split (bank: the training split, both un-augmented), logged as ``knn_top1`` and
-    ``knn_top5``. Uses the :meth:`~ssl_kit.methods.SSLMethod.extract_features` contract.
+    ``knn_top5``. Uses the :meth:`~ssl_kit.methods.SSLMethod.extract_features` contract. The
+    splits are those of :class:`~ssl_kit.callbacks.OnlineEvalData` when one is configured
+    (``--online_eval.root``: labelled data separate from the pretraining data), else the data module's.
 
     Under DDP every rank extracts a share of the features, rank 0 searches and the result is
     broadcast, so every rank logs the same value and no rank waits on a collective alone.
@@ -41,14 +44,15 @@ class OnlineKNN(pl.Callback):
         if self._labelled is None:
             self._labelled = datamodule is not None and datamodule.has_labels()
             if not self._labelled:
-                rank_zero_warn("OnlineKNN: the data has no labels (or no data module); k-NN is skipped.")
+                rank_zero_warn("OnlineKNN: the data has no labels (or no data module) and no --online_eval data is "
+                               "set; k-NN is skipped.")
         return self._labelled
 
     @torch.no_grad()
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs or trainer.sanity_checking:
             return
-        dm = trainer.datamodule
+        dm = labelled_data(trainer)
         if not self._usable(dm):
             return
         was_training = pl_module.training

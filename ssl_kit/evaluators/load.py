@@ -20,7 +20,7 @@ from ssl_kit.integrity import check_finite, verify_export
 
 ACCEPTED_FORMATS = (
     "an ssl_kit training checkpoint (.ckpt with an 'ssl_kit' entry and a 'state_dict')",
-    "an exported .safetensors (metadata 'timm_model'/'timm_kwargs'; other timm-layout files with arch=)",
+    "an exported .safetensors (metadata 'timm_model'/'timm_kwargs'; other timm-layout files with arch=) or export folder",
     "an official MAE checkpoint (.pth with a 'model' dict: cls_token, pos_embed, patch_embed.*, blocks.*)",
     "an official ConvNeXt V2 checkpoint ('model' dict, dense 'downsample_layers.*' or FCMAE 'encoder.*' layout)",
     "a timm model name (random initialisation)",
@@ -84,6 +84,8 @@ def load_encoder(source: str | Path, arch: str | None = None, img_size: int | No
 def read_weights(source: str | Path, arch: str | None = None) -> EncoderWeights:
     """Identify ``source`` and return its architecture and weights in timm's key layout."""
     path = Path(source)
+    if path.is_dir() and (path / "model.safetensors").is_file():  # a folder export (timm's hub layout)
+        path = path / "model.safetensors"
     if path.is_file():
         if path.suffix == ".safetensors":
             return _read_safetensors(path, arch)
