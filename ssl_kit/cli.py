@@ -17,10 +17,7 @@ from ssl_kit.callbacks.speed import auto_precision
 from ssl_kit.data import SSLDataModule
 from ssl_kit.errors import UserError, parse_error_line, user_errors
 from ssl_kit.methods import SSLMethod
-from ssl_kit.run_dir import (  # noqa: F401  (re-exported: the resume helpers lived here)
-    CHECKPOINT_SUFFIXES, RESUME_IF_EXISTS, RESUME_LAST, newest_checkpoint, resume_checkpoint, slurm_requeued,
-    writable_dir,
-)
+from ssl_kit.run_dir import writable_dir
 from ssl_kit.run_lock import claim_run_dir, release_claims
 
 #: Jobs that are not Trainer methods: name -> "module:function", each run through jsonargparse.

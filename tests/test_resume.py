@@ -20,7 +20,7 @@ import torch
 from conftest import TINY_MAE
 from ssl_kit.callbacks import RunCheckpoint
 from ssl_kit.data import SSLDataModule
-from ssl_kit.export import load_checkpoint
+from ssl_kit.checkpoints import load_checkpoint
 
 def _teacher_file() -> str:
     """A fixed random ViT-Tiny teacher saved as an ssl_kit export: a resumed EVA reloads it by path."""

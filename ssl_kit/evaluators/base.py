@@ -53,7 +53,7 @@ class Evaluator(SSLMethod):
     Args:
         encoder: what to evaluate: an ssl_kit checkpoint, an exported ``.safetensors``, an official
             MAE / ConvNeXt V2 checkpoint, or a timm model name (random init). CLI: ``--encoder``.
-        arch: timm architecture for checkpoints that do not name one.
+        model_name: timm architecture for checkpoints that do not name one.
         img_size: evaluation resolution (position embeddings are interpolated to it).
         results_file: JSON written in the run directory.
         optimizer, lr_scaling, warmup_epochs, min_lr_ratio: see :class:`SSLMethod`.
@@ -62,7 +62,7 @@ class Evaluator(SSLMethod):
     def __init__(
         self,
         encoder: str | None = None,
-        arch: str | None = None,
+        model_name: str | None = None,
         img_size: int = 224,
         results_file: str = "results.json",
         optimizer: OptimizerCallable = adamw,
@@ -76,9 +76,9 @@ class Evaluator(SSLMethod):
                 f"{type(self).__name__} needs an encoder: pass --encoder SRC (an ssl_kit .ckpt, an exported "
                 f".safetensors, an official MAE/ConvNeXt V2 .pth, or a timm model name for a random-init baseline)."
             )
-        from ssl_kit.evaluators.load import load_encoder  # lazy: pulls in every checkpoint converter
+        from ssl_kit.checkpoints.load import load_encoder  # read at call time: tests substitute a stand-in
 
-        self.encoder = load_encoder(encoder, arch=arch, img_size=img_size)
+        self.encoder = load_encoder(encoder, model_name=model_name, img_size=img_size)
         self.encoder_source, self.img_size, self.results_file = encoder, img_size, results_file
         self.num_classes: int | None = None
 

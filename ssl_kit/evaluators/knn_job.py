@@ -14,7 +14,7 @@ from lightning_fabric import Fabric
 from ssl_kit.data import SSLDataModule, scan_images
 from ssl_kit.errors import UserError
 from ssl_kit.evaluators.knn import check_ks, knn_accuracies
-from ssl_kit.evaluators.load import load_encoder
+from ssl_kit.checkpoints.load import load_encoder
 from ssl_kit.evaluators.sharded import extract_features_sharded
 from ssl_kit.run_dir import writable_file
 from ssl_kit.views import EvalTransform
@@ -64,7 +64,7 @@ def knn(
     *,
     encoder: str,
     data: EvalData,
-    arch: str | None = None,
+    model_name: str | None = None,
     img_size: int | None = None,
     k: list[int] = [10, 20, 100, 200],
     temperature: float = 0.07,
@@ -85,7 +85,7 @@ def knn(
         encoder: ssl_kit checkpoint, exported .safetensors, official MAE / ConvNeXt V2 checkpoint or
             timm model name (random init, the baseline); see :func:`ssl_kit.load_encoder`.
         data: the images (``--data.root``, ``--data.val_root`` or ``--data.val_fraction``, ...).
-        arch: timm name for checkpoints that do not name their architecture.
+        model_name: timm name for checkpoints that do not name their architecture.
         img_size: evaluation resolution (default: the encoder's).
         k: neighbour counts, all from one search (DINO's protocol: 20; also 10, 100, 200).
         temperature: T in the vote weight ``exp(cosine / T)``.
@@ -104,7 +104,7 @@ def knn(
                     strategy="ddp" if devices * num_nodes > 1 else "auto")
     fabric.launch()
     torch.manual_seed(seed)
-    model = load_encoder(encoder, arch, img_size).to(fabric.device)
+    model = load_encoder(encoder, model_name, img_size).to(fabric.device)
     size = model.pretrained_cfg["input_size"][-1]
     start = time.perf_counter()
     (bank, bank_y), (query, query_y) = (
@@ -118,7 +118,7 @@ def knn(
     start = time.perf_counter()
     accuracy = knn_accuracies(bank, bank_y, query, query_y, ks, temperature, len(classes))
     results = {
-        "encoder": str(encoder), "arch": arch, "img_size": size,
+        "encoder": str(encoder), "model_name": model_name, "img_size": size,
         "protocol": {"metric": "cosine", "temperature": temperature, "bank": "train", "queries": "val",
                      "num_train": bank.shape[0], "num_val": query.shape[0], "num_classes": len(classes),
                      "feature_dim": bank.shape[1], "world_size": fabric.world_size},

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from ssl_kit.checkpoints.format import METADATA_KEY, encoder_record
 from ssl_kit.views import EvalTransform
 
 OptimizerCallable = Callable[[Iterable], Optimizer]
@@ -177,13 +178,10 @@ class SSLMethod(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lets `export` and `load_encoder` rebuild the encoder without instantiating the method.
         name, kwargs = self.encoder_spec
-        checkpoint["ssl_kit"] = {
-            "method": type(self).__name__, "encoder_name": name, "encoder_kwargs": dict(kwargs),
-            "run_seed": self.run_seed,
-        }
+        checkpoint[METADATA_KEY] = encoder_record(type(self).__name__, name, kwargs, run_seed=self.run_seed)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._run_seed = checkpoint.get("ssl_kit", {}).get("run_seed")
+        self._run_seed = checkpoint.get(METADATA_KEY, {}).get("run_seed")
 
     def on_train_start(self) -> None:
         extra = getattr(self, "hparams_extra", None)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ssl_kit.backbones.teacher import FrozenTeacher, TeacherConfig
 from ssl_kit.backbones.vit import create_vit
+from ssl_kit.checkpoints.frozen import restore_frozen, strip_frozen
 from ssl_kit.errors import UserError
 from ssl_kit.losses import masked_negative_cosine
 from ssl_kit.masking.block import block_masking, check_block_masking
@@ -170,16 +171,13 @@ class EVA(SSLMethod):
     # --- the teacher stays out of checkpoints -----------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
-            del state[key]
+        strip_frozen(checkpoint["state_dict"], [TEACHER_PREFIX])
         checkpoint["ssl_kit"]["teacher"] = {**self.hparams["teacher"], "file_bytes": self._teacher_file_bytes()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         # The teacher was rebuilt from its file in __init__; give load_state_dict its weights back.
-        teacher_state = {TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()}
-        checkpoint["state_dict"].update(teacher_state)
+        restore_frozen(checkpoint["state_dict"], self, [TEACHER_PREFIX])
         saved = checkpoint.get("ssl_kit", {}).get("teacher", {}).get("file_bytes")
         if saved is not None and saved != self._teacher_file_bytes():
             warnings.warn(f"the teacher file {self.hparams['teacher']['checkpoint']!r} changed size since this "
