@@ -35,7 +35,7 @@ class LossProbe(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         record = dict(loss=float(outputs["loss"]), lr=self.lr, world=trainer.world_size,
-                      local_batch=int(batch[0].shape[0]), precision=str(trainer.precision),
+                      local_batch=int(batch[0][0].shape[0]), precision=str(trainer.precision),
                       global_batch=pl_module.hparams_extra["global_batch_size"])
         root = trainer.default_root_dir
         with open(os.path.join(root, f"rank{trainer.global_rank}.json"), "w") as f:

@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable
 
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -55,10 +56,22 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 class SSLMethod(pl.LightningModule):
     """Shared machinery: optimizer injection, weight-decay groups, lr scaling, warm-up + cosine.
 
-    Every method owns an ``encoder`` (a timm model with ``num_classes=0``) and implements
-    :meth:`extract_features`, the single contract the evaluators use, plus
-    :meth:`train_transform` for its views. ``encoder_spec`` (timm name, create kwargs) lets the
-    encoder be exported and rebuilt by timm.
+    The method contract (``tests/test_methods.py`` checks it for every method of the test zoo;
+    ``docs/adding_a_method.md`` walks through it):
+
+    * ``encoder`` is a timm model with ``num_classes=0`` and ``encoder_spec`` its (timm name,
+      create kwargs); :meth:`extract_features` maps (B, C, H, W) to (B, D), D =
+      ``encoder.num_features``, and ``export`` then ``load_encoder`` reproduce it exactly.
+    * :meth:`train_transform` maps one image to a **list** of views (``Views`` for one view);
+      ``training_step`` receives ``(views, labels)``; :meth:`example_batch` is derived from it.
+    * The class declares ``fp16_safe`` (False when the loss regresses pixels).
+    * Every random draw of a training step comes from the step generator: per-sample draws
+      through :meth:`draw_global`, draws every rank needs whole from :meth:`step_generator`;
+      never from the global RNG. N processes with batch b then draw what one process with
+      batch N x b draws, and a resumed run draws like an uninterrupted one.
+    * Frozen sub-modules rebuilt from their own source stay out of checkpoints
+      (``ssl_kit.checkpoints.strip_frozen`` / ``restore_frozen``); ``checkpoint["ssl_kit"]`` is
+      extended, never replaced.
 
     Args:
         optimizer: builds the optimizer from parameter groups. With ``lr_scaling`` its ``lr`` is
@@ -112,15 +125,22 @@ class SSLMethod(pl.LightningModule):
     def example_batch(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[Any, Tensor]:
         """A synthetic training batch shaped like the data module's, built on ``device``.
 
-        ``bench`` times training steps on it, so the data pipeline is never the bottleneck.
-        The default is one view at ``img_size``; multi-crop methods override it to return their
-        list of views (the shapes ``train_transform`` produces).
+        Derived from :meth:`train_transform`: the transform is applied to one blank image and
+        every view it returns becomes a random (B, C, H, W) tensor of that view's shape, so any
+        method that declares its views gets a correct batch (``bench`` times training steps on
+        it, so the data pipeline is never the bottleneck).
 
         Shapes:
-            returns (views (B, C, H, W) or a list of them, labels (B,))
+            returns (views: a list of (B, C, H_v, W_v), one per view, or one (B, C, H, W) tensor
+            for single-view transforms; labels (B,))
         """
-        views = torch.randn(batch_size, 3, self.img_size, self.img_size, device=device)
-        return views, torch.zeros(batch_size, dtype=torch.long, device=device)
+        views = self.train_transform()(Image.new("RGB", (self.img_size, self.img_size), (128, 128, 128)))
+
+        def batch_of(view: Tensor) -> Tensor:
+            return torch.randn(batch_size, *view.shape, device=device)  # (B, C, H_v, W_v)
+
+        batch = [batch_of(v) for v in views] if isinstance(views, (list, tuple)) else batch_of(views)
+        return batch, torch.zeros(batch_size, dtype=torch.long, device=device)
 
     # --- optimisation ---------------------------------------------------------------------
     def global_batch_size(self) -> int:
@@ -167,6 +187,25 @@ class SSLMethod(pl.LightningModule):
         g = torch.Generator(device=device)
         g.manual_seed(hash((self.run_seed, trainer.global_step, micro)) & (2**63 - 1))
         return g
+
+    def draw_global(self, draw: Callable[..., Any], batch_size: int, device: torch.device | str) -> Any:
+        """Per-sample randomness of a training step, drawn for the *global* batch, this rank's rows kept.
+
+        ``draw(n, generator)`` returns a tensor (or a tuple of tensors) with one row per sample.
+        In a training step it is called with the global batch size and :meth:`step_generator`, and
+        this rank's ``batch_size`` rows are returned: N processes with batch b draw exactly what one
+        process with batch N x b draws, and a resumed run draws like an uninterrupted one. Outside
+        a training step (inference, reconstructions, tests without a trainer) the global RNG is used.
+
+        Shapes:
+            draw(n, g) -> (n, ...) or a tuple of them; returns (batch_size, ...) likewise.
+        """
+        if not self.training or self._trainer is None:
+            return draw(batch_size, None)
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        drawn = draw(world * batch_size, self.step_generator(device))
+        rows = slice(rank * batch_size, (rank + 1) * batch_size)
+        return tuple(t[rows] for t in drawn) if isinstance(drawn, tuple) else drawn[rows]
 
     @property
     def run_seed(self) -> int:

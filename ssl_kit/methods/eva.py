@@ -17,7 +17,7 @@ from ssl_kit.errors import UserError
 from ssl_kit.losses import masked_negative_cosine
 from ssl_kit.masking.block import block_masking, check_block_masking
 from ssl_kit.methods.base import OptimizerCallable, SSLMethod, adamw
-from ssl_kit.views import MaskedImageTransform
+from ssl_kit.views import MaskedImageTransform, Views
 
 TEACHER_PREFIX = "teacher."
 
@@ -60,6 +60,8 @@ class EVA(SSLMethod):
         ...           teacher=TeacherConfig("encoder", "vit_tiny_patch16_224", random_init=True))
         >>> loss, mask = eva(torch.randn(2, 3, 32, 32))
     """
+
+    fp16_safe = True  # the negative cosine is computed in fp32 on normalised features
 
     def __init__(
         self,
@@ -115,7 +117,7 @@ class EVA(SSLMethod):
         return create_vit(hp.model_name, **kwargs)
 
     def train_transform(self) -> Callable:
-        return MaskedImageTransform(self.img_size, scale=self.crop_scale)
+        return Views(MaskedImageTransform(self.img_size, scale=self.crop_scale))
 
     def draw_mask(self, batch_size: int, device: torch.device) -> Tensor:
         """A fresh block-wise mask per sample, drawn on the CPU (tiny) and moved to ``device``.
@@ -124,7 +126,9 @@ class EVA(SSLMethod):
             returns (B, L), 1 = masked.
         """
         hp = self.hparams
-        mask = block_masking(self.grid, hp.mask_ratio, batch_size, hp.min_num_patches, hp.min_aspect)
+        mask = self.draw_global(  # on the CPU: the step generator lives where the draw runs
+            lambda n, g: block_masking(self.grid, hp.mask_ratio, n, hp.min_num_patches, hp.min_aspect, generator=g),
+            batch_size, "cpu")
         return mask.to(device, non_blocking=True)
 
     def forward_student(self, imgs: Tensor, mask: Tensor) -> Tensor:
@@ -163,7 +167,7 @@ class EVA(SSLMethod):
         return loss, mask
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        imgs, _ = batch
+        (imgs,), _ = batch  # one view
         loss, mask = self(imgs)
         self.log_step(loss, batch_size=imgs.shape[0], mask_ratio=mask.mean())
         return loss

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from torchvision.transforms import v2 as T
+from typing import Callable
+
 import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import v2 as T
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,6 +32,26 @@ class MaskedImageTransform(T.Compose):
             T.RandomHorizontalFlip(hflip),
             *_to_normalised_tensor(),
         ])
+
+
+class Views:
+    """The training-view contract: one image in, a list of views out (one transform per view).
+
+    Single-view methods wrap their transform in it so every method's ``training_step`` receives
+    ``(views, labels)`` with ``views`` a list of (B, C, H_v, W_v) batches.
+
+    Examples:
+        >>> views = Views(MaskedImageTransform(32))(Image.new("RGB", (40, 40)))  # [tensor (3, 32, 32)]
+    """
+
+    def __init__(self, *transforms: Callable) -> None:
+        self.transforms = transforms
+
+    def __call__(self, img: Image.Image) -> list[Tensor]:
+        return [transform(img) for transform in self.transforms]
+
+    def __repr__(self) -> str:
+        return f"Views({', '.join(map(repr, self.transforms))})"
 
 
 class EvalTransform(T.Compose):
