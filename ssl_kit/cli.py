@@ -1,4 +1,8 @@
-"""``python -m ssl_kit``: LightningCLI for fit/validate/test plus the ``export`` job."""
+"""``python -m ssl_kit``: LightningCLI's ``fit`` plus the extra jobs (export, knn, bench, ...).
+
+Only ``fit`` of LightningCLI's subcommands is offered: no module implements a validation, test
+or predict step for ``validate``/``test``/``predict`` to run (evaluators score inside ``fit``).
+"""
 
 from __future__ import annotations
 
@@ -91,6 +95,11 @@ class SSLCLI(LightningCLI):
         kwargs.setdefault("parser_class", OneLineLightningParser)
         super().__init__(*args, **kwargs)
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` only: the other Trainer subcommands would run steps no module implements."""
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SpeedUp, "speed")
@@ -162,11 +171,12 @@ def run_extra(name: str, argv: list[str]) -> None:
         auto_cli(fn, args=argv, as_positional=True, parser_class=OneLineParser)
 
 
-HELP_HEADER = """usage: python -m ssl_kit {fit,validate,test,predict,%s} ...
+HELP_HEADER = """usage: python -m ssl_kit {fit,%s} ...
 
 Self-supervised pretraining (MAE, FCMAE, ReLICv2, EVA) and evaluation.
 
-  fit / validate / test / predict   LightningCLI jobs: --config FILE, --model.*, --data.*, --trainer.*
+  fit                               LightningCLI: --config FILE, --model.*, --data.*, --trainer.*
+                                    (pretraining, linear probe, fine-tune)
   %s
 
 Run `python -m ssl_kit SUBCOMMAND --help` for every option of a job.
