@@ -20,7 +20,8 @@ from ssl_kit.callbacks.resume_guard import ResumeGuard
 from ssl_kit.callbacks.speed import auto_precision
 from ssl_kit.data import SSLDataModule
 from ssl_kit.errors import UserError, parse_error_line, user_errors
-from ssl_kit.methods import SSLMethod
+from ssl_kit.methods import SSLMethod  # noqa: F401  (registers the methods with the CLI)
+from ssl_kit.optim.training import TrainingModule
 from ssl_kit.run_dir import writable_dir
 from ssl_kit.run_lock import claim_run_dir, release_claims
 
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         with user_errors():
             check_yaml_configs(argv)
             SSLCLI(
-                SSLMethod,
+                TrainingModule,
                 SSLDataModule,
                 subclass_mode_model=True,
                 save_config_callback=RunDirConfig,

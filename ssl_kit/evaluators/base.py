@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
 from ssl_kit.data.datasets import ImageFolder
 from ssl_kit.errors import UserError
-from ssl_kit.methods.base import OptimizerCallable, SSLMethod, adamw
+from ssl_kit.optim.training import OptimizerCallable, TrainingModule, adamw
+from ssl_kit.views import EvalTransform
 
 #: The LightningCLI flag ``--encoder SRC`` sets this init argument (see ``ssl_kit/cli.py``).
 ENCODER_ARG = "encoder"
@@ -44,11 +45,11 @@ def check_classification_data(datamodule) -> int:
     return len(classes)
 
 
-class Evaluator(SSLMethod):
+class Evaluator(TrainingModule):
     """Base of :class:`LinearProbe` and :class:`FineTune`: loads ``encoder`` with
     :func:`ssl_kit.load_encoder`, checks the data before training, and writes
     ``<run dir>/<results_file>`` when ``fit`` ends. The optimisation machinery (lr scaling,
-    warm-up + cosine) is :class:`SSLMethod`'s.
+    warm-up + cosine) is the training base's, shared with the pretraining methods.
 
     Args:
         encoder: what to evaluate: an ssl_kit checkpoint, an exported ``.safetensors``, an official
@@ -56,7 +57,7 @@ class Evaluator(SSLMethod):
         model_name: timm architecture for checkpoints that do not name one.
         img_size: evaluation resolution (position embeddings are interpolated to it).
         results_file: JSON written in the run directory.
-        optimizer, lr_scaling, warmup_epochs, min_lr_ratio: see :class:`SSLMethod`.
+        optimizer, lr_scaling, warmup_epochs, min_lr_ratio: see :class:`~ssl_kit.optim.training.TrainingModule`.
     """
 
     def __init__(
@@ -85,6 +86,10 @@ class Evaluator(SSLMethod):
     def setup(self, stage: str) -> None:
         # Before any feature extraction or training step, so bad data fails at once.
         self.num_classes = check_classification_data(self.trainer.datamodule)
+
+    def eval_transform(self) -> Callable:
+        """Deterministic transform for feature extraction (resize, centre crop, normalise)."""
+        return EvalTransform(self.img_size)
 
     def results_path(self) -> Path:
         return Path(self.trainer.default_root_dir) / self.results_file

@@ -16,7 +16,7 @@ from ssl_kit.errors import UserError
 from ssl_kit.evaluators.base import Evaluator
 from ssl_kit.evaluators.features import extract_features
 from ssl_kit.evaluators.results import format_summary, seed_summary, topk_accuracy, write_results
-from ssl_kit.methods.base import OptimizerCallable, warmup_cosine
+from ssl_kit.optim.training import OptimizerCallable, warmup_cosine
 from ssl_kit.optim import LARS
 from ssl_kit.views import MaskedImageTransform
 
