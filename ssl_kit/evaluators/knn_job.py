@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import json
 import os
 import time
@@ -24,6 +26,19 @@ from ssl_kit.views import EvalTransform
 class EvalData(SSLDataModule):
     """:class:`~ssl_kit.data.SSLDataModule`'s arguments as a plain group (``--data.root DIR``),
     for evaluation jobs. ``final`` tells jsonargparse not to ask for a ``class_path``."""
+
+
+@dataclass
+class EvalTrainer:
+    """Where an evaluation job runs, spelled as ``fit``'s flags: ``--trainer.devices 8``.
+
+    Args:
+        trainer: accelerator, devices and nodes (``--trainer.devices 8``, as for ``fit``).
+    """
+
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
 
 
 def check_eval_data(data: SSLDataModule, job: str) -> list[str]:
@@ -69,9 +84,7 @@ def knn(
     k: list[int] = [10, 20, 100, 200],
     temperature: float = 0.07,
     output: str | None = None,
-    accelerator: str = "auto",
-    devices: int = 1,
-    num_nodes: int = 1,
+    trainer: EvalTrainer = EvalTrainer(),
     seed: int = 0,
 ) -> dict | None:
     """k-NN classification of frozen features: cosine, temperature-weighted votes, top-1/top-5 to JSON.
@@ -100,8 +113,8 @@ def knn(
     ks = check_ks(k, len(data.split("train", None)))
     if temperature <= 0:
         raise UserError(f"temperature={temperature} is not allowed: it must be > 0.")
-    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                    strategy="ddp" if devices * num_nodes > 1 else "auto")
+    fabric = Fabric(accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.num_nodes,
+                    strategy="ddp" if trainer.devices * trainer.num_nodes > 1 else "auto")
     fabric.launch()
     torch.manual_seed(seed)
     model = load_encoder(encoder, model_name, img_size).to(fabric.device)
