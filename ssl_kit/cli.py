@@ -1,4 +1,8 @@
-"""``python -m ssl_kit``: LightningCLI for fit/validate/test plus the ``export`` job."""
+"""``python -m ssl_kit``: LightningCLI's ``fit`` plus the extra jobs (export, knn, bench, ...).
+
+Only ``fit`` of LightningCLI's subcommands is offered: no module implements a validation, test
+or predict step for ``validate``/``test``/``predict`` to run (evaluators score inside ``fit``).
+"""
 
 from __future__ import annotations
 
@@ -17,11 +21,9 @@ from ssl_kit.callbacks.speed import auto_precision
 from ssl_kit.data import SSLDataModule
 from ssl_kit.errors import UserError, parse_error_line, user_errors
 from ssl_kit.loggers import loggers_into_run_dir
-from ssl_kit.methods import SSLMethod
-from ssl_kit.run_dir import (  # noqa: F401  (re-exported: the resume helpers lived here)
-    CHECKPOINT_SUFFIXES, RESUME_IF_EXISTS, RESUME_LAST, newest_checkpoint, resume_checkpoint, slurm_requeued,
-    writable_dir,
-)
+from ssl_kit.methods import SSLMethod  # noqa: F401  (registers the methods with the CLI)
+from ssl_kit.optim.training import TrainingModule
+from ssl_kit.run_dir import writable_dir
 from ssl_kit.run_lock import claim_run_dir, release_claims
 
 #: Jobs that are not Trainer methods: name -> "module:function", each run through jsonargparse.
@@ -97,6 +99,11 @@ class SSLCLI(LightningCLI):
         kwargs.setdefault("parser_class", OneLineLightningParser)
         super().__init__(*args, **kwargs)
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` only: the other Trainer subcommands would run steps no module implements."""
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SpeedUp, "speed")
@@ -171,11 +178,12 @@ def run_extra(name: str, argv: list[str]) -> None:
         auto_cli(fn, args=argv, as_positional=True, parser_class=OneLineParser)
 
 
-HELP_HEADER = """usage: python -m ssl_kit {fit,validate,test,predict,%s} ...
+HELP_HEADER = """usage: python -m ssl_kit {fit,%s} ...
 
 Self-supervised pretraining (MAE, FCMAE, ReLICv2, EVA) and evaluation.
 
-  fit / validate / test / predict   LightningCLI jobs: --config FILE, --model.*, --data.*, --trainer.*
+  fit                               LightningCLI: --config FILE, --model.*, --data.*, --trainer.*
+                                    (pretraining, linear probe, fine-tune)
   %s
 
 Run `python -m ssl_kit SUBCOMMAND --help` for every option of a job.
@@ -196,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         with user_errors():
             check_yaml_configs(argv)
             SSLCLI(
-                SSLMethod,
+                TrainingModule,
                 SSLDataModule,
                 subclass_mode_model=True,
                 save_config_callback=RunDirConfig,

@@ -15,9 +15,9 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
+from ssl_kit.checkpoints import atomic_save_safetensors, atomic_write
 from ssl_kit.views import IMAGENET_MEAN, IMAGENET_STD
 
 #: Files of the folder, as timm's hub loader names them.
@@ -66,21 +66,10 @@ def write_model_folder(out: Path, name: str, kwargs: dict[str, Any], tensors: di
                        metadata: dict[str, str], img_size: int | None, source: dict[str, Any]) -> Path:
     """Write ``out/model.safetensors`` (with ``metadata``: checksums, timm name) and ``out/config.json``.
 
-    Each file is written to a temporary name, synced and renamed, so a reader never sees half a file.
+    Each file is written to a temporary name, synced and renamed (:func:`~ssl_kit.checkpoints.atomic_write`),
+    so a reader never sees half a file.
     """
     config = hub_config(name, kwargs, img_size, source)
-    weights, cfg = out / WEIGHTS_NAME, out / CONFIG_NAME
-    tmp_weights = weights.with_name(f".{WEIGHTS_NAME}.tmp-{os.getpid()}")
-    tmp_cfg = cfg.with_name(f".{CONFIG_NAME}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp_weights), metadata=metadata)
-        tmp_cfg.write_text(json.dumps(config, indent=2) + "\n")
-        for tmp in (tmp_weights, tmp_cfg):
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp_weights, weights)
-        os.replace(tmp_cfg, cfg)
-    finally:
-        tmp_weights.unlink(missing_ok=True)
-        tmp_cfg.unlink(missing_ok=True)
+    atomic_save_safetensors(tensors, out / WEIGHTS_NAME, metadata)
+    atomic_write(out / CONFIG_NAME, lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()))
     return out

@@ -9,7 +9,7 @@ import torch
 
 from ssl_kit.errors import UserError
 from ssl_kit.evaluators.knn_job import EvalData
-from ssl_kit.evaluators.load import load_encoder
+from ssl_kit.checkpoints import load_encoder
 from ssl_kit.pictures import ReportInputs, reconstructor_from_checkpoint, write_report
 from ssl_kit.run_dir import writable_dir
 from ssl_kit.views import EvalTransform
@@ -20,7 +20,7 @@ def show(
     encoder: str,
     data: EvalData,
     output: str = "report",
-    arch: str | None = None,
+    model_name: str | None = None,
     img_size: int | None = None,
     split: Literal["val", "train"] = "val",
     num_images: int = 8,
@@ -43,7 +43,7 @@ def show(
             MAE / ConvNeXt V2 checkpoint, or timm model name (random init); see :func:`ssl_kit.load_encoder`.
         data: the images (``--data.root DIR``, ``--data.dataset digits``, ...).
         output: the report folder.
-        arch: timm name for checkpoints that do not name their architecture.
+        model_name: timm name for checkpoints that do not name their architecture.
         img_size: input resolution (default: the encoder's).
         split: ``val`` (held out) or ``train``: the images drawn from.
         num_images: images in the PCA, reconstruction and attention grids.
@@ -58,7 +58,7 @@ def show(
     data.check()  # a bad root fails before the encoder loads
     device = torch.device("cuda" if accelerator != "cpu" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
-    model = load_encoder(encoder, arch, img_size).to(device)
+    model = load_encoder(encoder, model_name, img_size).to(device)
     size = model.pretrained_cfg["input_size"][-1]
     dataset = data.split(split, EvalTransform(size))
     if len(dataset) == 0:

@@ -126,6 +126,6 @@ def test_bench_rejects_steps_not_above_warmup(tmp_path, capsys):
     assert "--steps 2 must exceed --warmup_steps 2" in capsys.readouterr().err
 
 
-def test_example_batch_default_is_one_view_on_device(tiny_mae):
+def test_example_batch_is_a_list_of_one_view_for_mae(tiny_mae):
     views, labels = tiny_mae.example_batch(3, "cpu")
-    assert views.shape == (3, 3, 32, 32) and labels.shape == (3,)
+    assert [v.shape for v in views] == [(3, 3, 32, 32)] and labels.shape == (3,)

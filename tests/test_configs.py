@@ -20,9 +20,10 @@ def resolved(config: str):
     """The config as ``python -m ssl_kit fit --config CONFIG`` resolves it (nothing instantiated)."""
     from ssl_kit.bench import _ParseOnlyCLI
     from ssl_kit.data import SSLDataModule
-    from ssl_kit.methods import SSLMethod
+    from ssl_kit.methods import SSLMethod  # noqa: F401  (registers the methods)
+    from ssl_kit.optim.training import TrainingModule  # the CLI's base: methods and evaluators
 
-    cli = _ParseOnlyCLI(SSLMethod, SSLDataModule, subclass_mode_model=True, save_config_callback=None, run=False,
+    cli = _ParseOnlyCLI(TrainingModule, SSLDataModule, subclass_mode_model=True, save_config_callback=None, run=False,
                         args=["--config", str(REPO / config), "--data.root", "/data/imagenet/train"])
     return cli.config
 

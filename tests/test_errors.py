@@ -55,7 +55,7 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
 
 
 def test_unknown_timm_name_suggests_close_matches():
-    from ssl_kit.backbones.timm_names import check_timm_name
+    from ssl_kit.checkpoints.timm_names import check_timm_name
 
     with pytest.raises(UserError) as error:
         check_timm_name("vit_tinny_patch16_224")

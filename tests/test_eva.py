@@ -138,7 +138,6 @@ def test_teacher_refuses_bad_input(clip_files, tmp_path):
 
 
 def test_encoder_teacher_from_an_exported_ssl_kit_file(tmp_path):
-    pytest.importorskip("ssl_kit.evaluators.load", reason="load_encoder lands with the evaluators branch")
     from safetensors.torch import save_file
 
     from ssl_kit.backbones.vit import create_vit
@@ -161,7 +160,7 @@ def test_teacher_is_frozen_and_out_of_checkpoints(clip_files, tmp_path):
     import pytorch_lightning as pl
 
     from ssl_kit.data import SSLDataModule
-    from ssl_kit.export import load_checkpoint
+    from ssl_kit.checkpoints import load_checkpoint
     from ssl_kit.methods import EVA
 
     torch.manual_seed(0)

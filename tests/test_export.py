@@ -66,7 +66,7 @@ def test_folder_export_loads_with_timm_local_dir(tmp_path):
     """`export CKPT --output DIR/` writes timm's hub layout; timm rebuilds the encoder from the folder
     alone and its features equal load_encoder's on the checkpoint."""
     from conftest import assert_ok, run_cli
-    from ssl_kit.evaluators.load import load_encoder
+    from ssl_kit.checkpoints import load_encoder
 
     _, ckpt = _train_two_steps(tmp_path)
     folder = tmp_path / "vit_mae"

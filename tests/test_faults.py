@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from ssl_kit.export import load_checkpoint
+from ssl_kit.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

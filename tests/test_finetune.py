@@ -20,16 +20,14 @@ from ssl_kit.evaluators.results import aggregate, write_results
 DEPTH = 3
 
 
-def tiny_load_encoder(source: str, arch: str | None = None, img_size: int | None = None) -> torch.nn.Module:
+def tiny_load_encoder(source: str, model_name: str | None = None, img_size: int | None = None) -> torch.nn.Module:
     """Test stand-in for ``load_encoder`` on timm names: a 3-block ViT-Tiny at patch 4."""
     return timm.create_model(source, num_classes=0, img_size=img_size or 32, patch_size=4, depth=DEPTH)
 
 
 @pytest.fixture
 def tiny_loader(monkeypatch):
-    module = types.ModuleType("ssl_kit.evaluators.load")
-    module.load_encoder = tiny_load_encoder
-    monkeypatch.setitem(sys.modules, "ssl_kit.evaluators.load", module)
+    monkeypatch.setattr("ssl_kit.checkpoints.load.load_encoder", tiny_load_encoder)
 
 
 def expected_layer(name: str) -> int:

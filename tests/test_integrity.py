@@ -19,7 +19,8 @@ from ssl_kit.callbacks import RunCheckpoint, SafeCheckpointIO
 from ssl_kit.callbacks.resume_guard import ResumeGuard
 from ssl_kit.data import SSLDataModule
 from ssl_kit.errors import CorruptCheckpointError, NoSpaceError, ResumeMismatchError
-from ssl_kit.export import export, load_checkpoint
+from ssl_kit.checkpoints import load_checkpoint
+from ssl_kit.export import export
 from ssl_kit.methods import MAE
 from ssl_kit.run_dir import resume_checkpoint
 
@@ -68,7 +69,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
     ssl_checkpoint(tmp_path / "nan.ckpt", step=8, nan=True)  # checksums match: the NaN was saved
     with pytest.raises(CorruptCheckpointError, match=rf"weight '{TARGET}' holds 1 non-finite value"):
         load_checkpoint(tmp_path / "nan.ckpt")
-    from ssl_kit.evaluators.load import load_weights
+    from ssl_kit.checkpoints.load import load_weights
 
     model = timm.create_model("test_vit", num_classes=0, **ENCODER)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -118,13 +119,11 @@ class _FullDisk:
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import ssl_kit.callbacks.checkpoint as module
-
     path = tmp_path / "last.ckpt"
     ssl_checkpoint(path, step=4)
     before = path.read_bytes()
     real_save = torch.save
-    monkeypatch.setattr(module.torch, "save", lambda obj, f: real_save(obj, _FullDisk(f, 10_000)))
+    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, _FullDisk(f, 10_000)))
     with pytest.raises(NoSpaceError, match=r"no space left on the device writing .*last.ckpt; the previous last.ckpt "
                                            r"is intact.*--ckpt_path last"):
         ssl_checkpoint(path, step=8)

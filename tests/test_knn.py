@@ -109,14 +109,14 @@ def test_job_rejects_an_unwritable_output_before_any_work(tmp_path):
 def test_knn_job_writes_json_and_ddp_equals_single_process(tmp_path):
     common = ["knn", "--config", "eval/knn.yaml", "--encoder", "resnet18", "--img_size", "32",
               "--data.dataset", "synthetic", "--data.synthetic_size", "81", "--data.batch_size", "8",
-              "--data.num_workers", "0", "--k", "[1,5,20]", "--accelerator", "cpu"]
+              "--data.num_workers", "0", "--k", "[1,5,20]", "--trainer.accelerator", "cpu"]
     single = run_cli(*common, "--output", str(tmp_path / "single.json"))
     assert_ok(single)
     assert f"results written to {tmp_path / 'single.json'}" in single.stdout
     one = json.loads((tmp_path / "single.json").read_text())
     assert set(one["knn"]) == {"1", "5", "20"} and one["protocol"]["num_train"] == 65
     assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in one["knn"].values())
-    ddp = run_cli(*common, "--devices", "2", "--output", str(tmp_path / "ddp.json"))
+    ddp = run_cli(*common, "--trainer.devices", "2", "--output", str(tmp_path / "ddp.json"))
     assert_ok(ddp)
     two = json.loads((tmp_path / "ddp.json").read_text())
     assert two["protocol"]["world_size"] == 2  # 65 train / 16 val: uneven shards over 2 ranks

@@ -20,19 +20,14 @@ from ssl_kit.evaluators.base import check_classification_data
 from ssl_kit.evaluators.linear import LinearProbe, SeededBatches, fit_linear_probe, unshard
 from ssl_kit.optim import LARS
 
-REAL_LOADER = importlib.util.find_spec("ssl_kit.evaluators.load") is not None
-
-
-def tiny_load_encoder(source: str, arch: str | None = None, img_size: int | None = None) -> torch.nn.Module:
+def tiny_load_encoder(source: str, model_name: str | None = None, img_size: int | None = None) -> torch.nn.Module:
     """Test stand-in for ``load_encoder`` on timm names: a 2-block ViT-Tiny at patch 4."""
     return timm.create_model(source, num_classes=0, img_size=img_size or 32, patch_size=4, depth=2)
 
 
 @pytest.fixture
 def tiny_loader(monkeypatch):
-    module = types.ModuleType("ssl_kit.evaluators.load")
-    module.load_encoder = tiny_load_encoder
-    monkeypatch.setitem(sys.modules, "ssl_kit.evaluators.load", module)
+    monkeypatch.setattr("ssl_kit.checkpoints.load.load_encoder", tiny_load_encoder)
 
 
 def _trainer(root, epochs: int = 3) -> pl.Trainer:
@@ -152,12 +147,6 @@ def test_encoder_flag_is_refused_by_pretraining_configs(capsys):
     assert error.value.code == 2 and "--encoder applies to evaluation configs" in capsys.readouterr().err
 
 
-# Before ssl_kit.evaluators.load exists (parallel branch), the subprocess gets the test stand-in.
-BOOTSTRAP = ("import sys, types; sys.path.insert(0, {tests!r}); import test_linear_probe as t; "
-             "m = types.ModuleType('ssl_kit.evaluators.load'); m.load_encoder = t.tiny_load_encoder; "
-             "sys.modules['ssl_kit.evaluators.load'] = m; from ssl_kit.cli import main; main(sys.argv[1:])")
-
-
 @pytest.mark.slow
 def test_linear_probe_cli_with_a_timm_name(tmp_path):
     args = ["fit", "--config", "eval/linear.yaml", "--encoder", "vit_tiny_patch16_224",
@@ -168,14 +157,7 @@ def test_linear_probe_cli_with_a_timm_name(tmp_path):
             "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
             "--trainer.max_epochs", "2", "--checkpoint.every_n_epochs", "1",
             "--trainer.default_root_dir", str(tmp_path / "run")]
-    if REAL_LOADER:
-        proc = run_cli(*args)
-    else:
-        import subprocess
-
-        code = BOOTSTRAP.format(tests=str(REPO / "tests"))
-        proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    proc = run_cli(*args)
     assert_ok(proc)
     results = json.loads((tmp_path / "run" / "linear.json").read_text())
     assert results["encoder"] == "vit_tiny_patch16_224" and results["global_batch_size"] == 16

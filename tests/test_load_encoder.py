@@ -51,8 +51,8 @@ def features(model, x):
 def test_official_mae_checkpoint_gives_identical_features(tmp_path, mae_encoder, images):
     path = tmp_path / "mae_pretrain_vit_tiny.pth"
     torch.save({"model": official_mae_state(mae_encoder)}, path)
-    for arch in (None, "vit_tiny_patch16_224"):  # inferred from the shapes, or named
-        loaded = load_encoder(path, arch=arch)
+    for model_name in (None, "vit_tiny_patch16_224"):  # inferred from the shapes, or named
+        loaded = load_encoder(path, model_name=model_name)
         assert not loaded.training
         assert torch.equal(features(loaded, images), features(mae_encoder, images))
 

@@ -19,10 +19,10 @@ import torch
 
 from conftest import REPO, TINY_MAE, assert_ok, run_cli
 from ssl_kit.callbacks import NaNGuard, NonFiniteLossError, RunCheckpoint, SafeCheckpointIO
-from ssl_kit.cli import resume_checkpoint
+from ssl_kit.run_dir import resume_checkpoint
 from ssl_kit.data import SSLDataModule
 from ssl_kit.errors import MissingFileError
-from ssl_kit.export import load_checkpoint
+from ssl_kit.checkpoints import load_checkpoint
 from ssl_kit.methods import MAE
 
 DATA = dict(dataset="synthetic", synthetic_size=12, image_size=32, val_fraction=0.0, batch_size=4, num_workers=0)
@@ -140,7 +140,7 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         _partial_save(obj, f)
         raise OSError("disk full")
 
-    monkeypatch.setattr("ssl_kit.callbacks.checkpoint.torch.save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     assert io.load_checkpoint(path)["step"] == 1
@@ -148,13 +148,11 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def _killed_while_saving(path: str) -> None:
-    import ssl_kit.callbacks.checkpoint as ckpt
-
     def dying_save(obj, f):
         _partial_save(obj, f)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    ckpt.torch.save = dying_save
+    torch.save = dying_save
     SafeCheckpointIO().save_checkpoint({"step": 2}, path)
 
 
@@ -334,7 +332,7 @@ def _load_with(loader: str, path: Path, tmp_path: Path) -> None:
     if loader == "load_checkpoint":
         load_checkpoint(path)
     elif loader == "load_encoder":
-        from ssl_kit.evaluators.load import load_encoder
+        from ssl_kit.checkpoints import load_encoder
 
         load_encoder(str(path))
     elif loader == "export":
@@ -342,7 +340,7 @@ def _load_with(loader: str, path: Path, tmp_path: Path) -> None:
 
         export(str(path), str(tmp_path / "out.safetensors"))
     elif loader == "read_state_dict":
-        from ssl_kit.backbones.teacher import read_state_dict
+        from ssl_kit.checkpoints import read_state_dict
 
         read_state_dict(path)
     elif loader.startswith("teacher"):

@@ -1,10 +1,11 @@
 """Exact resume: a run killed after a checkpoint and resumed ends bit-identical to an uninterrupted one.
 
-To cover a new method, add one entry to ``METHODS``: its import path, tiny constructor kwargs and
-(optionally) data-module kwargs. Everything in the final checkpoint is compared (weights including
-any EMA target registered as a module or buffer, optimizer and lr-scheduler state, loop counters,
-RNG states), bitwise (``torch.equal``), so the entry is all a method needs; a method that cannot
-be bitwise exact lists its bound in ``TOLERANCE`` with the reason.
+Every method of the tiny zoo (``tests/method_zoo.py``) is covered: a new method is one entry
+there (its import path, tiny constructor kwargs and optional data-module kwargs). Everything in
+the final checkpoint is compared (weights including any EMA target registered as a module or
+buffer, optimizer and lr-scheduler state, loop counters, RNG states), bitwise (``torch.equal``),
+so the entry is all a method needs; a method that cannot be bitwise exact lists its bound in
+``TOLERANCE`` with the reason.
 """
 
 from __future__ import annotations
@@ -17,45 +18,19 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from conftest import TINY_MAE
+from method_zoo import ZOO, kwargs_of
 from ssl_kit.callbacks import RunCheckpoint
 from ssl_kit.data import SSLDataModule
-from ssl_kit.export import load_checkpoint
-
-def _teacher_file() -> str:
-    """A fixed random ViT-Tiny teacher saved as an ssl_kit export: a resumed EVA reloads it by path."""
-    import json
-    import tempfile
-
-    import timm
-    from safetensors.torch import save_file
-
-    path = Path(tempfile.gettempdir()) / "ssl_kit_resume_teacher.safetensors"
-    if not path.exists():
-        kwargs = dict(img_size=32, patch_size=4)
-        torch.manual_seed(0)
-        teacher = timm.create_model("vit_tiny_patch16_224", num_classes=0, **kwargs)
-        save_file(teacher.state_dict(), str(path),
-                  metadata={"timm_model": "vit_tiny_patch16_224", "timm_kwargs": json.dumps(kwargs), "format": "pt"})
-    return str(path)
-
+from ssl_kit.checkpoints import load_checkpoint
 
 #: The base lr unscaled and constant (AdamW 1.5e-4, LARS 0.2): every step moves the weights by
 #: ~1e-4, so a step that differs after resuming (a wrong mask on the last one) changes them visibly.
 #: At the recipe's lr x 4/256 with cosine decay six steps moved them ~1e-5 in all.
 LR = dict(lr_scaling=False, min_lr_ratio=1.0)
 
-#: method id -> (class path, tiny constructor kwargs, data-module kwargs overrides).
-METHODS = {
-    "mae": ("ssl_kit.methods.MAE", {**TINY_MAE, **LR}, {}),
-    "fcmae": ("ssl_kit.methods.FCMAE", dict(model_name="convnextv2_atto", img_size=64, decoder_embed_dim=32,
-                                            warmup_epochs=0.0, **LR), {}),
-    "relicv2": ("ssl_kit.methods.ReLICv2", dict(model_name="resnet18", img_size=32, small_size=16, n_large=2,
-                                                n_small=1, hidden_dim=32, out_dim=16, warmup_epochs=0.0, **LR), {}),
-    "eva": ("ssl_kit.methods.EVA", dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=4,
-                                        min_num_patches=8, warmup_epochs=0.0, **LR,
-                                        teacher=dict(kind="encoder", checkpoint=_teacher_file())), {}),
-}
+#: method id -> (class path, tiny constructor kwargs, data-module kwargs overrides): the tiny zoo
+#: (``tests/method_zoo.py``; a new method is one entry there) at the constant lr above.
+METHODS = {name: (path, {**kwargs_of(name), **LR}, data) for name, (path, _, data) in ZOO.items()}
 
 #: Largest float difference allowed per method: none (bitwise, ``torch.equal``) unless listed.
 TOLERANCE: dict[str, float] = {}

@@ -35,7 +35,7 @@ class LossProbe(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         record = dict(loss=float(outputs["loss"]), lr=self.lr, world=trainer.world_size,
-                      local_batch=int(batch[0].shape[0]), precision=str(trainer.precision),
+                      local_batch=int(batch[0][0].shape[0]), precision=str(trainer.precision),
                       global_batch=pl_module.hparams_extra["global_batch_size"])
         root = trainer.default_root_dir
         with open(os.path.join(root, f"rank{trainer.global_rank}.json"), "w") as f:
@@ -317,15 +317,35 @@ def test_fsdp_config_resolves_to_block_wrapping(tmp_path):
 
 
 def test_weight_decay_groups_survive_fsdp_flattening(tiny_mae):
-    from ssl_kit.methods.base import weight_decay_groups
-
-    before = [len(g["params"]) for g in weight_decay_groups(tiny_mae)]
-    SpeedUp().setup(_fake_trainer(), tiny_mae, "fit")  # runs before the strategy wraps the model
+    """No callback needed: the training base records each parameter's ndim in configure_model,
+    which Lightning calls before the strategy wraps the model."""
+    before = [[id(p) for p in g["params"]] for g in tiny_mae.param_groups()]
+    tiny_mae.configure_model()
     with torch.no_grad():
         for p in tiny_mae.parameters():  # what FSDP's use_orig_params does: 1-D views of shards
             p.data = p.data.flatten()
-    assert [len(g["params"]) for g in weight_decay_groups(tiny_mae)] == before
-    assert before[0] > 20
+    assert [[id(p) for p in g["params"]] for g in tiny_mae.param_groups()] == before
+    assert len(before[0]) > 20
+
+
+def test_weight_decay_honours_timm_no_weight_decay():
+    """One rule for methods and evaluators: what a timm module lists in no_weight_decay() is not
+    decayed, also a matrix and also inside a wrapper (FSDP's names)."""
+    from ssl_kit.optim.training import weight_decay_groups
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.rel_pos = torch.nn.Parameter(torch.zeros(3, 4))  # a matrix, listed below
+
+        def no_weight_decay(self):
+            return {"rel_pos"}
+
+    model = torch.nn.Sequential(Block(), Block())
+    decay, no_decay = weight_decay_groups(model)
+    assert {id(p) for p in decay["params"]} == {id(model[0].proj.weight), id(model[1].proj.weight)}
+    assert id(model[1].rel_pos) in {id(p) for p in no_decay["params"]}
 
 
 def test_bf16_on_cpu_unfuses_timm_attention(tiny_mae):

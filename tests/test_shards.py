@@ -243,7 +243,7 @@ def test_mae_resume_on_shards_is_bitwise(tmp_path):
 
     from test_resume import assert_same, comparable
 
-    from ssl_kit.export import load_checkpoint
+    from ssl_kit.checkpoints import load_checkpoint
 
     folder = write_folder(tmp_path / "images", per_class=4)
     pattern = shard(data=FolderSource(str(folder)), output=str(tmp_path / "shards"), shard_size=4)["pattern"]

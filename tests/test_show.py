@@ -210,7 +210,7 @@ def test_show_for_every_encoder_kind(tmp_path, image_folder):
 
 
 def load_ssl_kit_encoder(ckpt):
-    from ssl_kit.evaluators.load import load_encoder
+    from ssl_kit.checkpoints import load_encoder
 
     return load_encoder(ckpt)
 

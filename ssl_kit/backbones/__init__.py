@@ -2,7 +2,7 @@
 
 from ssl_kit.backbones.convnextv2_sparse import create_convnextv2, forward_sparse
 from ssl_kit.backbones.teacher import FrozenTeacher, TeacherConfig
-from ssl_kit.backbones.timm_names import check_timm_name
+from ssl_kit.checkpoints.timm_names import check_timm_name
 from ssl_kit.backbones.vit import create_vit, forward_visible, sincos_pos_embed_2d
 
 __all__ = [

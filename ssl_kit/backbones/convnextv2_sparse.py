@@ -29,7 +29,7 @@ from timm.layers import GlobalResponseNormMlp
 from timm.models.convnext import ConvNeXt
 from torch import Tensor, nn
 
-from ssl_kit.backbones.timm_names import check_timm_name
+from ssl_kit.checkpoints.timm_names import check_timm_name
 from ssl_kit.errors import UserError
 from ssl_kit.losses.pixel import patchify
 from ssl_kit.masking.hierarchical import kept_indices, upsample_mask

@@ -1,7 +1,7 @@
 """Frozen feature teachers for distillation (EVA, Fang et al. 2023, arXiv:2211.07636).
 
 A teacher is an open_clip vision tower chosen by model name, or any encoder
-``ssl_kit.evaluators.load.load_encoder`` accepts, with weights from a LOCAL file only. It maps
+``ssl_kit.checkpoints.load_encoder`` accepts, with weights from a LOCAL file only. It maps
 the student's (ImageNet-normalised) images to one target vector per student patch.
 
 Grid matching: the teacher always runs at its own native resolution and its final token grid is
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_kit.checkpoints import load_encoder, load_strict, read_state_dict
 from ssl_kit.errors import MissingFileError, UserError
 from ssl_kit.views import IMAGENET_MEAN, IMAGENET_STD
 
@@ -120,43 +121,12 @@ def open_clip_name(model_name: str | None) -> str:
     return model_name
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """A plain tensor state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise UserError(f"teacher.checkpoint={str(path)!r} is not a plain tensor state dict that loads "
-                             f"with weights_only=True (TorchScript archives such as OpenAI's .pt are not: "
-                             f"save model.state_dict() instead). {type(err).__name__}: "
-                             f"{str(err).splitlines()[0]}") from err
-    for key in ("state_dict", "model"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-    return {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, Tensor)}
-
-
 def load_tower_weights(tower: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Load a vision-tower state dict strictly; on any mismatch raise listing the offending keys."""
+    """Load a vision-tower state dict (of the tower, or of a whole CLIP: ``visual.*``) strictly;
+    any mismatch is one error listing the offending keys."""
     if any(k.startswith("visual.") for k in state):
         state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-    expected = tower.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        def few(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-
-        raise UserError(f"teacher weights {source} do not match the model: missing keys: {few(missing) or '-'}; "
-                         f"unexpected keys: {few(unexpected) or '-'}; shape mismatches: {few(shapes) or '-'}.")
-    tower.load_state_dict(state)
+    load_strict(tower, state, f"teacher weights {source}")
 
 
 def open_clip_tower(cfg: TeacherConfig) -> nn.Module:
@@ -170,7 +140,8 @@ def open_clip_tower(cfg: TeacherConfig) -> nn.Module:
     finally:
         logging.disable(logging.NOTSET)
     if cfg.checkpoint is not None:
-        load_tower_weights(tower, read_state_dict(cfg.checkpoint), f"{cfg.checkpoint!r} (open_clip {name})")
+        state = read_state_dict(cfg.checkpoint, f"teacher.checkpoint={cfg.checkpoint!r}")
+        load_tower_weights(tower, state, f"{cfg.checkpoint!r} (open_clip {name})")
     return tower
 
 
@@ -183,9 +154,7 @@ def encoder_tower(cfg: TeacherConfig) -> nn.Module:
             raise UserError(f"teacher.model_name={cfg.model_name!r} is not a timm model name; a random "
                              "encoder teacher needs one.")
         return timm.create_model(cfg.model_name, pretrained=False, num_classes=0)
-    from ssl_kit.evaluators.load import load_encoder  # lazy: only this teacher kind needs the evaluators
-
-    return load_encoder(cfg.checkpoint, arch=cfg.model_name)
+    return load_encoder(cfg.checkpoint, model_name=cfg.model_name)
 
 
 # --- the frozen module ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ssl_kit.backbones.timm_names import check_timm_name
+from ssl_kit.checkpoints.timm_names import check_timm_name
 from ssl_kit.errors import UserError
 from ssl_kit.masking.random import gather_tokens
 

@@ -8,7 +8,6 @@ exactly, saves ``last.ckpt`` and exits on SIGTERM / SIGUSR1, and installs
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import threading
@@ -16,62 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
+
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from ssl_kit.callbacks.rng_state import capture_rng_state, restore_rng_state
-from ssl_kit.errors import NoSpaceError, UserError
-from ssl_kit.export import load_checkpoint
-from ssl_kit.integrity import seal
+from ssl_kit.checkpoints import atomic_torch_save, load_checkpoint
+from ssl_kit.checkpoints.integrity import seal
+from ssl_kit.errors import UserError
 
 #: Signals that make a run save ``last.ckpt`` at the end of the current step and exit.
 PREEMPTION_SIGNALS = ("SIGTERM", "SIGUSR1")
 RNG_KEY = "rng_states"
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same directory, fsync, then ``os.replace``.
-
-    A process killed at any moment leaves either the previous file or the complete new one at
-    ``path``, never a partial file. A full disk (or quota) raises :class:`NoSpaceError` after the
-    partial temporary file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if _out_of_space(err):
-            kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
-            raise NoSpaceError(f"no space left on the device writing {path}; {kept}. Free space, "
-                               f"then resume with --ckpt_path last.") from err
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:  # make the rename itself durable
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _out_of_space(err: BaseException | None) -> bool:
-    """Whether ``err`` is (or was raised while handling) ENOSPC / EDQUOT; torch's zip writer turns
-    the file's OSError into a RuntimeError whose context is the original."""
-    for _ in range(8):
-        if err is None:
-            return False
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

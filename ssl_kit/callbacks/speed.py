@@ -135,8 +135,6 @@ class SpeedUp(pl.Callback):
         on_cuda = trainer.strategy.root_device.type == "cuda"
         if not on_cuda and str(trainer.precision).startswith("bf16"):
             unfuse_attention(pl_module)
-        for p in pl_module.parameters():  # FSDP later turns every parameter into a 1-D shard
-            p.orig_ndim = p.ndim  # read by weight_decay_groups: matrices keep their weight decay
         if self.channels_last:
             pl_module.to(memory_format=torch.channels_last)
         if self.compile:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
 from ssl_kit.data.datasets import ImageFolder
 from ssl_kit.errors import UserError
-from ssl_kit.methods.base import OptimizerCallable, SSLMethod, adamw
+from ssl_kit.optim.training import OptimizerCallable, TrainingModule, adamw
+from ssl_kit.views import EvalTransform
 
 #: The LightningCLI flag ``--encoder SRC`` sets this init argument (see ``ssl_kit/cli.py``).
 ENCODER_ARG = "encoder"
@@ -44,25 +45,25 @@ def check_classification_data(datamodule) -> int:
     return len(classes)
 
 
-class Evaluator(SSLMethod):
+class Evaluator(TrainingModule):
     """Base of :class:`LinearProbe` and :class:`FineTune`: loads ``encoder`` with
     :func:`ssl_kit.load_encoder`, checks the data before training, and writes
     ``<run dir>/<results_file>`` when ``fit`` ends. The optimisation machinery (lr scaling,
-    warm-up + cosine) is :class:`SSLMethod`'s.
+    warm-up + cosine) is the training base's, shared with the pretraining methods.
 
     Args:
         encoder: what to evaluate: an ssl_kit checkpoint, an exported ``.safetensors``, an official
             MAE / ConvNeXt V2 checkpoint, or a timm model name (random init). CLI: ``--encoder``.
-        arch: timm architecture for checkpoints that do not name one.
+        model_name: timm architecture for checkpoints that do not name one.
         img_size: evaluation resolution (position embeddings are interpolated to it).
         results_file: JSON written in the run directory.
-        optimizer, lr_scaling, warmup_epochs, min_lr_ratio: see :class:`SSLMethod`.
+        optimizer, lr_scaling, warmup_epochs, min_lr_ratio: see :class:`~ssl_kit.optim.training.TrainingModule`.
     """
 
     def __init__(
         self,
         encoder: str | None = None,
-        arch: str | None = None,
+        model_name: str | None = None,
         img_size: int = 224,
         results_file: str = "results.json",
         optimizer: OptimizerCallable = adamw,
@@ -76,15 +77,19 @@ class Evaluator(SSLMethod):
                 f"{type(self).__name__} needs an encoder: pass --encoder SRC (an ssl_kit .ckpt, an exported "
                 f".safetensors, an official MAE/ConvNeXt V2 .pth, or a timm model name for a random-init baseline)."
             )
-        from ssl_kit.evaluators.load import load_encoder  # lazy: pulls in every checkpoint converter
+        from ssl_kit.checkpoints.load import load_encoder  # read at call time: tests substitute a stand-in
 
-        self.encoder = load_encoder(encoder, arch=arch, img_size=img_size)
+        self.encoder = load_encoder(encoder, model_name=model_name, img_size=img_size)
         self.encoder_source, self.img_size, self.results_file = encoder, img_size, results_file
         self.num_classes: int | None = None
 
     def setup(self, stage: str) -> None:
         # Before any feature extraction or training step, so bad data fails at once.
         self.num_classes = check_classification_data(self.trainer.datamodule)
+
+    def eval_transform(self) -> Callable:
+        """Deterministic transform for feature extraction (resize, centre crop, normalise)."""
+        return EvalTransform(self.img_size)
 
     def results_path(self) -> Path:
         return Path(self.trainer.default_root_dir) / self.results_file

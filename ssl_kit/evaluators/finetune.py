@@ -20,7 +20,7 @@ from ssl_kit.errors import UserError
 from ssl_kit.evaluators.base import Evaluator
 from ssl_kit.evaluators.features import extract_features
 from ssl_kit.evaluators.results import format_summary, seed_summary, topk_accuracy, write_results
-from ssl_kit.methods.base import OptimizerCallable, warmup_cosine, weight_decay_groups
+from ssl_kit.optim.training import OptimizerCallable, warmup_cosine, weight_decay_groups
 from ssl_kit.views import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -99,7 +99,7 @@ class FineTune(Evaluator):
     fine-tuning); Wightman et al., "ResNet strikes back", 2021.
 
     Args:
-        encoder, arch, img_size, results_file: see :class:`Evaluator`.
+        encoder, model_name, img_size, results_file: see :class:`Evaluator`.
         drop_path_rate: stochastic depth of the last block.
         layer_decay: layer-wise lr decay factor (None: one lr for all).
         global_pool: classifier pooling given to timm's ``reset_classifier`` (``avg`` for MAE's ViT
@@ -125,7 +125,7 @@ class FineTune(Evaluator):
     def __init__(
         self,
         encoder: str | None = None,
-        arch: str | None = None,
+        model_name: str | None = None,
         img_size: int = 224,
         drop_path_rate: float = 0.1,
         layer_decay: float | None = 0.65,
@@ -148,7 +148,7 @@ class FineTune(Evaluator):
     ) -> None:
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise UserError(f"layer_decay={layer_decay} is not allowed: use a value in (0, 1], or null to disable.")
-        super().__init__(encoder, arch, img_size, results_file, with_lr_scale(optimizer), lr_scaling,
+        super().__init__(encoder, model_name, img_size, results_file, with_lr_scale(optimizer), lr_scaling,
                          warmup_epochs, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
         set_drop_path(self.encoder, drop_path_rate)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import json
 import os
 import time
@@ -14,7 +16,7 @@ from lightning_fabric import Fabric
 from ssl_kit.data import SSLDataModule, scan_images
 from ssl_kit.errors import UserError
 from ssl_kit.evaluators.knn import check_ks, knn_accuracies
-from ssl_kit.evaluators.load import load_encoder
+from ssl_kit.checkpoints.load import load_encoder
 from ssl_kit.evaluators.sharded import extract_features_sharded
 from ssl_kit.run_dir import writable_file
 from ssl_kit.views import EvalTransform
@@ -24,6 +26,19 @@ from ssl_kit.views import EvalTransform
 class EvalData(SSLDataModule):
     """:class:`~ssl_kit.data.SSLDataModule`'s arguments as a plain group (``--data.root DIR``),
     for evaluation jobs. ``final`` tells jsonargparse not to ask for a ``class_path``."""
+
+
+@dataclass
+class EvalTrainer:
+    """Where an evaluation job runs, spelled as ``fit``'s flags: ``--trainer.devices 8``.
+
+    Args:
+        trainer: accelerator, devices and nodes (``--trainer.devices 8``, as for ``fit``).
+    """
+
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
 
 
 def check_eval_data(data: SSLDataModule, job: str) -> list[str]:
@@ -64,14 +79,12 @@ def knn(
     *,
     encoder: str,
     data: EvalData,
-    arch: str | None = None,
+    model_name: str | None = None,
     img_size: int | None = None,
     k: list[int] = [10, 20, 100, 200],
     temperature: float = 0.07,
     output: str | None = None,
-    accelerator: str = "auto",
-    devices: int = 1,
-    num_nodes: int = 1,
+    trainer: EvalTrainer = EvalTrainer(),
     seed: int = 0,
 ) -> dict | None:
     """k-NN classification of frozen features: cosine, temperature-weighted votes, top-1/top-5 to JSON.
@@ -85,7 +98,7 @@ def knn(
         encoder: ssl_kit checkpoint, exported .safetensors, official MAE / ConvNeXt V2 checkpoint or
             timm model name (random init, the baseline); see :func:`ssl_kit.load_encoder`.
         data: the images (``--data.root``, ``--data.val_root`` or ``--data.val_fraction``, ...).
-        arch: timm name for checkpoints that do not name their architecture.
+        model_name: timm name for checkpoints that do not name their architecture.
         img_size: evaluation resolution (default: the encoder's).
         k: neighbour counts, all from one search (DINO's protocol: 20; also 10, 100, 200).
         temperature: T in the vote weight ``exp(cosine / T)``.
@@ -100,11 +113,11 @@ def knn(
     ks = check_ks(k, len(data.split("train", None)))
     if temperature <= 0:
         raise UserError(f"temperature={temperature} is not allowed: it must be > 0.")
-    fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                    strategy="ddp" if devices * num_nodes > 1 else "auto")
+    fabric = Fabric(accelerator=trainer.accelerator, devices=trainer.devices, num_nodes=trainer.num_nodes,
+                    strategy="ddp" if trainer.devices * trainer.num_nodes > 1 else "auto")
     fabric.launch()
     torch.manual_seed(seed)
-    model = load_encoder(encoder, arch, img_size).to(fabric.device)
+    model = load_encoder(encoder, model_name, img_size).to(fabric.device)
     size = model.pretrained_cfg["input_size"][-1]
     start = time.perf_counter()
     (bank, bank_y), (query, query_y) = (
@@ -118,7 +131,7 @@ def knn(
     start = time.perf_counter()
     accuracy = knn_accuracies(bank, bank_y, query, query_y, ks, temperature, len(classes))
     results = {
-        "encoder": str(encoder), "arch": arch, "img_size": size,
+        "encoder": str(encoder), "model_name": model_name, "img_size": size,
         "protocol": {"metric": "cosine", "temperature": temperature, "bank": "train", "queries": "val",
                      "num_train": bank.shape[0], "num_val": query.shape[0], "num_classes": len(classes),
                      "feature_dim": bank.shape[1], "world_size": fabric.world_size},

@@ -11,11 +11,12 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from ssl_kit.checkpoints.frozen import strip_frozen
 from ssl_kit.errors import UserError
 from ssl_kit.evaluators.base import Evaluator
 from ssl_kit.evaluators.features import extract_features
 from ssl_kit.evaluators.results import format_summary, seed_summary, topk_accuracy, write_results
-from ssl_kit.methods.base import OptimizerCallable, warmup_cosine
+from ssl_kit.optim.training import OptimizerCallable, warmup_cosine
 from ssl_kit.optim import LARS
 from ssl_kit.views import MaskedImageTransform
 
@@ -113,7 +114,7 @@ class LinearProbe(Evaluator):
     Paper: He et al., "Masked Autoencoders Are Scalable Vision Learners", 2021 (linear probing).
 
     Args:
-        encoder, arch, img_size, results_file: see :class:`Evaluator`.
+        encoder, model_name, img_size, results_file: see :class:`Evaluator`.
         cache_features: train on features extracted once instead of encoding images every step.
         seeds: one head per seed; results report their mean ± std.
         augment: uncached mode only: RandomResizedCrop(``crop_scale``) + flip (else the eval transform).
@@ -128,7 +129,7 @@ class LinearProbe(Evaluator):
     def __init__(
         self,
         encoder: str | None = None,
-        arch: str | None = None,
+        model_name: str | None = None,
         img_size: int = 224,
         cache_features: bool = True,
         seeds: tuple[int, ...] = (0,),
@@ -142,7 +143,7 @@ class LinearProbe(Evaluator):
     ) -> None:
         if not seeds or len(set(seeds)) != len(seeds):
             raise UserError(f"seeds={list(seeds)} is not allowed: give one or more distinct integers, e.g. [0, 1, 2].")
-        super().__init__(encoder, arch, img_size, results_file, optimizer, lr_scaling, warmup_epochs, min_lr_ratio)
+        super().__init__(encoder, model_name, img_size, results_file, optimizer, lr_scaling, warmup_epochs, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
         self.cache_features, self.seeds = cache_features, list(seeds)
         self.augment, self.crop_scale = augment, tuple(crop_scale)
@@ -240,7 +241,7 @@ class LinearProbe(Evaluator):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("encoder.")}
+        strip_frozen(checkpoint["state_dict"], ["encoder."])
 
 
 def fit_linear_probe(

@@ -114,7 +114,7 @@ def relicv2_loss(
     return tuple(x / pairs for x in totals)  # type: ignore[return-value]
 
 
-def sample_candidates(n: int, num_negatives: int, generator: torch.Generator, device=None) -> Tensor:
+def sample_candidates(n: int, num_negatives: int, generator: torch.Generator | None, device=None) -> Tensor:
     """For each anchor, its positive plus ``num_negatives`` others drawn uniformly without
     replacement. Seed ``generator`` identically on every process so all share the same draw.
 
@@ -124,8 +124,9 @@ def sample_candidates(n: int, num_negatives: int, generator: torch.Generator, de
     if not 1 <= num_negatives <= n - 1:
         raise UserError(f"num_negatives={num_negatives} is not allowed with a global batch of {n}: "
                          f"use 1 <= num_negatives <= {n - 1}, or null for every other image.")
-    scores = torch.rand(n, n, generator=generator, device=generator.device)
+    where = generator.device if generator is not None else device  # None: the global RNG, on `device`
+    scores = torch.rand(n, n, generator=generator, device=where)
     scores.fill_diagonal_(2.0)  # the positive always ranks first
     picked = scores.topk(num_negatives + 1, dim=1).indices  # (N, n_e + 1)
-    mask = torch.zeros(n, n, dtype=torch.bool, device=generator.device).scatter_(1, picked, True)
+    mask = torch.zeros(n, n, dtype=torch.bool, device=where).scatter_(1, picked, True)
     return mask.to(device) if device is not None else mask

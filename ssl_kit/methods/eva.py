@@ -12,11 +12,12 @@ from torch import Tensor, nn
 
 from ssl_kit.backbones.teacher import FrozenTeacher, TeacherConfig
 from ssl_kit.backbones.vit import create_vit
+from ssl_kit.checkpoints.frozen import restore_frozen, strip_frozen
 from ssl_kit.errors import UserError
 from ssl_kit.losses import masked_negative_cosine
 from ssl_kit.masking.block import block_masking, check_block_masking
 from ssl_kit.methods.base import OptimizerCallable, SSLMethod, adamw
-from ssl_kit.views import MaskedImageTransform
+from ssl_kit.views import MaskedImageTransform, Views
 
 TEACHER_PREFIX = "teacher."
 
@@ -59,6 +60,8 @@ class EVA(SSLMethod):
         ...           teacher=TeacherConfig("encoder", "vit_tiny_patch16_224", random_init=True))
         >>> loss, mask = eva(torch.randn(2, 3, 32, 32))
     """
+
+    fp16_safe = True  # the negative cosine is computed in fp32 on normalised features
 
     def __init__(
         self,
@@ -114,7 +117,7 @@ class EVA(SSLMethod):
         return create_vit(hp.model_name, **kwargs)
 
     def train_transform(self) -> Callable:
-        return MaskedImageTransform(self.img_size, scale=self.crop_scale)
+        return Views(MaskedImageTransform(self.img_size, scale=self.crop_scale))
 
     def draw_mask(self, batch_size: int, device: torch.device) -> Tensor:
         """A fresh block-wise mask per sample, drawn on the CPU (tiny) and moved to ``device``.
@@ -123,7 +126,9 @@ class EVA(SSLMethod):
             returns (B, L), 1 = masked.
         """
         hp = self.hparams
-        mask = block_masking(self.grid, hp.mask_ratio, batch_size, hp.min_num_patches, hp.min_aspect)
+        mask = self.draw_global(  # on the CPU: the step generator lives where the draw runs
+            lambda n, g: block_masking(self.grid, hp.mask_ratio, n, hp.min_num_patches, hp.min_aspect, generator=g),
+            batch_size, "cpu")
         return mask.to(device, non_blocking=True)
 
     def forward_student(self, imgs: Tensor, mask: Tensor) -> Tensor:
@@ -162,7 +167,7 @@ class EVA(SSLMethod):
         return loss, mask
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        imgs, _ = batch
+        (imgs,), _ = batch  # one view
         loss, mask = self(imgs)
         self.log_step(loss, batch_size=imgs.shape[0], mask_ratio=mask.mean())
         return loss
@@ -170,16 +175,13 @@ class EVA(SSLMethod):
     # --- the teacher stays out of checkpoints -----------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
-            del state[key]
+        strip_frozen(checkpoint["state_dict"], [TEACHER_PREFIX])
         checkpoint["ssl_kit"]["teacher"] = {**self.hparams["teacher"], "file_bytes": self._teacher_file_bytes()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         # The teacher was rebuilt from its file in __init__; give load_state_dict its weights back.
-        teacher_state = {TEACHER_PREFIX + k: v for k, v in self.teacher.state_dict().items()}
-        checkpoint["state_dict"].update(teacher_state)
+        restore_frozen(checkpoint["state_dict"], self, [TEACHER_PREFIX])
         saved = checkpoint.get("ssl_kit", {}).get("teacher", {}).get("file_bytes")
         if saved is not None and saved != self._teacher_file_bytes():
             warnings.warn(f"the teacher file {self.hparams['teacher']['checkpoint']!r} changed size since this "

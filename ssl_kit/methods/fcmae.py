@@ -15,7 +15,7 @@ from ssl_kit.losses import masked_mse, pixel_targets, predictions_to_image
 from ssl_kit.masking.hierarchical import random_grid_mask
 from ssl_kit.masking.random import check_mask_ratio
 from ssl_kit.methods.base import OptimizerCallable, SSLMethod, adamw
-from ssl_kit.views import MaskedImageTransform
+from ssl_kit.views import MaskedImageTransform, Views
 
 
 class FCMAE(SSLMethod):
@@ -41,6 +41,8 @@ class FCMAE(SSLMethod):
         >>> fcmae = FCMAE("convnextv2_atto", img_size=64, decoder_embed_dim=64)
         >>> loss, pred, mask = fcmae(torch.randn(2, 3, 64, 64))  # pred (2, 4, 3072), mask (2, 4)
     """
+
+    fp16_safe = False  # regresses (normalised) pixels, like MAE: fp16 overflows, use bf16
 
     def __init__(
         self,
@@ -91,7 +93,7 @@ class FCMAE(SSLMethod):
         return fcmae_init_(encoder) if hp.init == "fcmae" else encoder
 
     def train_transform(self) -> Callable:
-        return MaskedImageTransform(self.img_size, scale=self.crop_scale)
+        return Views(MaskedImageTransform(self.img_size, scale=self.crop_scale))
 
     def forward(
         self, imgs: Tensor, mask_ratio: float | None = None, mask: Tensor | None = None
@@ -109,7 +111,7 @@ class FCMAE(SSLMethod):
         B, _, H, W = imgs.shape
         if mask is None:
             ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-            mask = random_grid_mask((H // self.patch_size, W // self.patch_size), ratio, B, device=imgs.device)
+            mask = self.draw_mask((H // self.patch_size, W // self.patch_size), ratio, B, imgs.device)
         check_input(self.encoder, imgs, mask)
         latent = forward_sparse(self.encoder, imgs, mask)  # (B, D, h, w), zero at removed cells
         pred = self.decoder(latent, mask)  # (B, L, P)
@@ -117,8 +119,17 @@ class FCMAE(SSLMethod):
         mask = mask.flatten(1)  # (B, L)
         return masked_mse(pred, target, mask), pred, mask
 
+    def draw_mask(self, grid: tuple[int, int], mask_ratio: float, batch_size: int, device: torch.device) -> Tensor:
+        """Per-sample masks; in a training step drawn for the global batch from the step generator
+        (:meth:`~ssl_kit.methods.base.SSLMethod.draw_global`).
+
+        Shapes:
+            returns (B, h, w), 1 = removed.
+        """
+        return self.draw_global(lambda n, g: random_grid_mask(grid, mask_ratio, n, device, g), batch_size, device)
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        imgs, _ = batch
+        (imgs,), _ = batch  # one view
         loss, _, _ = self(imgs)
         self.log_step(loss, batch_size=imgs.shape[0])
         return loss

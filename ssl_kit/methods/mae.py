@@ -12,7 +12,7 @@ from ssl_kit.heads import MAEDecoder
 from ssl_kit.losses import masked_mse, pixel_targets, predictions_to_image
 from ssl_kit.masking.random import check_mask_ratio, random_masking
 from ssl_kit.methods.base import OptimizerCallable, SSLMethod, adamw
-from ssl_kit.views import MaskedImageTransform
+from ssl_kit.views import MaskedImageTransform, Views
 
 
 class MAE(SSLMethod):
@@ -90,7 +90,7 @@ class MAE(SSLMethod):
         return mae_init_(create_vit(hp.model_name, **kwargs))
 
     def train_transform(self) -> Callable:
-        return MaskedImageTransform(self.img_size, scale=self.crop_scale)
+        return Views(MaskedImageTransform(self.img_size, scale=self.crop_scale))
 
     def forward(self, imgs: Tensor, mask_ratio: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Mask, encode the visible patches, decode all patches, and score the removed ones.
@@ -116,15 +116,10 @@ class MAE(SSLMethod):
             returns ids_keep (B, K), mask (B, L), ids_restore (B, L); see :func:`random_masking`.
         """
         L = num_patches(self.encoder)
-        if not self.training or self._trainer is None:
-            return random_masking(L, mask_ratio, batch_size, device=device)
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        drawn = random_masking(L, mask_ratio, world * batch_size, device, self.step_generator(device))
-        rows = slice(rank * batch_size, (rank + 1) * batch_size)
-        return tuple(t[rows] for t in drawn)
+        return self.draw_global(lambda n, g: random_masking(L, mask_ratio, n, device, g), batch_size, device)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        imgs, _ = batch
+        (imgs,), _ = batch  # one view
         loss, _, _ = self(imgs)
         self.log_step(loss, batch_size=imgs.shape[0])
         return loss

@@ -64,6 +64,8 @@ class ReLICv2(SSLMethod):
         >>> loss, contrastive, invariance = model(views)
     """
 
+    fp16_safe = True  # cosine similarities of normalised embeddings and a KL: bounded in fp16
+
     def __init__(
         self,
         model_name: str = "resnet50",
@@ -190,10 +192,10 @@ class ReLICv2(SSLMethod):
     def _candidates(self, n: int, device: torch.device) -> Tensor | None:
         if self.hparams.num_negatives is None:
             return None
-        # Same seed on every process (step-dependent), so all ranks score the same global draw.
-        step = self.trainer.global_step if self._trainer is not None else 0
-        generator = torch.Generator(device=device).manual_seed(1_000_003 * (step + 1))
-        return sample_candidates(n, self.hparams.num_negatives, generator)
+        # Drawn for the gathered global batch from the step generator, the same on every process,
+        # so all ranks score the same global draw (and a resumed run draws as the original).
+        generator = self.step_generator(device) if self.training and self._trainer is not None else None
+        return sample_candidates(n, self.hparams.num_negatives, generator, device)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         views, _ = batch

@@ -20,7 +20,7 @@ def reconstructor_from_checkpoint(path: str | Path) -> nn.Module | None:
     else named in the file is instantiated. The checkpoint is loaded with ``weights_only=True``
     and verified like every other load.
     """
-    from ssl_kit.export import METADATA_KEY, load_checkpoint
+    from ssl_kit.checkpoints import METADATA_KEY, load_checkpoint
     from ssl_kit.methods import FCMAE, MAE
 
     path = Path(path)

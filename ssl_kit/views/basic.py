@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from torchvision.transforms import v2 as T
+from typing import Callable
+
 import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import v2 as T
 
 from ssl_kit.data.decode import RandomResizedCropFlip
 
@@ -29,6 +33,26 @@ class MaskedImageTransform(RandomResizedCropFlip):
 
     def __init__(self, img_size: int, scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5) -> None:
         super().__init__(img_size, scale=scale, hflip=hflip, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+class Views:
+    """The training-view contract: one image in, a list of views out (one transform per view).
+
+    Single-view methods wrap their transform in it so every method's ``training_step`` receives
+    ``(views, labels)`` with ``views`` a list of (B, C, H_v, W_v) batches.
+
+    Examples:
+        >>> views = Views(MaskedImageTransform(32))(Image.new("RGB", (40, 40)))  # [tensor (3, 32, 32)]
+    """
+
+    def __init__(self, *transforms: Callable) -> None:
+        self.transforms = transforms
+
+    def __call__(self, img: Image.Image) -> list[Tensor]:
+        return [transform(img) for transform in self.transforms]
+
+    def __repr__(self) -> str:
+        return f"Views({', '.join(map(repr, self.transforms))})"
 
 
 class EvalTransform(T.Compose):

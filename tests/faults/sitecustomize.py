@@ -13,10 +13,12 @@ import signal
 FAULT = os.environ.get("SSL_KIT_FAULT")
 
 if FAULT:
+    import torch
+
     import ssl_kit.callbacks.checkpoint as checkpoint
 
     KIND, STEP = FAULT.split(":")[0], int(FAULT.split(":")[1])
-    real_save, real_atomic = checkpoint.torch.save, checkpoint.atomic_torch_save
+    real_save, real_atomic = torch.save, checkpoint.atomic_torch_save
 
     def _targeted(obj, path) -> bool:
         return isinstance(obj, dict) and obj.get("global_step") == STEP and os.path.basename(path) == "last.ckpt"
@@ -33,10 +35,10 @@ if FAULT:
             if KIND == "kill_in_save":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        checkpoint.torch.save = broken_save
+        torch.save = broken_save
         try:
             real_atomic(obj, path)
         finally:
-            checkpoint.torch.save = real_save
+            torch.save = real_save
 
     checkpoint.atomic_torch_save = atomic_torch_save

@@ -14,7 +14,7 @@ import math
 import re
 
 import timm
-from torch import Tensor
+from torch import Tensor, nn
 
 from ssl_kit.errors import UserError
 
@@ -48,13 +48,13 @@ def _num_blocks(state: dict[str, Tensor], pattern: str) -> int:
     return 1 + max(found) if found else 0
 
 
-def mae_vit_spec(state: dict[str, Tensor], arch: str | None) -> tuple[str, dict, dict[str, Tensor]]:
+def mae_vit_spec(state: dict[str, Tensor], model_name: str | None) -> tuple[str, dict, dict[str, Tensor]]:
     """(timm name, timm kwargs, state) of an official MAE ViT encoder; the encoder's own keys
     are timm's, decoder keys (``decoder_*``, ``mask_token``) are dropped.
 
     The architecture is inferred from the shapes (width, depth, patch size, position-embedding
-    grid) unless ``arch`` names it; the head count is not in the shapes, so an unusual width/depth
-    pair needs ``arch``.
+    grid) unless ``model_name`` names it; the head count is not in the shapes, so an unusual width/depth
+    pair needs ``model_name``.
     """
     state = {k: v for k, v in state.items() if not k.startswith(("decoder_", "mask_token"))}
     width = state["patch_embed.proj.weight"].shape[0]
@@ -62,18 +62,18 @@ def mae_vit_spec(state: dict[str, Tensor], arch: str | None) -> tuple[str, dict,
     depth = _num_blocks(state, r"blocks\.(\d+)\.")
     n_prefix = 1 if "cls_token" in state else 0
     grid = math.isqrt(state["pos_embed"].shape[1] - n_prefix) if "pos_embed" in state else 224 // patch
-    if arch is None:
+    if model_name is None:
         size = VIT_SIZES.get((width, depth))
         if size is None:
             known = ", ".join(f"{s} (width {w}, depth {d})" for (w, d), s in VIT_SIZES.items())
             raise UserError(f"cannot infer the ViT of an MAE checkpoint with width {width} and depth {depth} "
-                             f"(known: {known}); pass arch, e.g. arch='vit_base_patch16_224'.")
+                             f"(known: {known}); pass model_name, e.g. model_name='vit_base_patch16_224'.")
         named = f"vit_{size}_patch{patch}_224"
-        arch = named if timm.is_model(named) else f"vit_{size}_patch16_224"
+        model_name = named if timm.is_model(named) else f"vit_{size}_patch16_224"
     kwargs = {"patch_size": patch, "img_size": grid * patch}
     if "fc_norm.weight" in state:  # fine-tuned with global average pooling: fc_norm replaces norm
         kwargs["global_pool"] = "avg"
-    return arch, kwargs, state
+    return model_name, kwargs, state
 
 
 def _sparse_kernel_to_dense(kernel: Tensor) -> Tensor:
@@ -109,40 +109,26 @@ def fcmae_to_dense(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return dense
 
 
-def convnextv2_dense_to_timm(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a dense official ConvNeXt V2 state dict to timm's ``convnextv2_*`` keys.
+def convnextv2_to_timm(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """A dense official ConvNeXt V2 state dict in timm's ``convnextv2_*`` keys and shapes: timm's
+    own converter (``timm.models.convnext.checkpoint_filter_fn``: ``downsample_layers`` -> ``stem`` /
+    ``stages.N.downsample``, ``dwconv`` -> ``conv_dw``, ``pwconv`` -> ``mlp.fc``, GRN and Linear
+    shapes to the model's)."""
+    from timm.models.convnext import checkpoint_filter_fn
 
-    Shapes that differ only by singleton axes (Linear vs 1x1 conv, GRN's (1, 1, 1, C)) are
-    reshaped when loading into the model.
-    """
-    rules = [
-        (r"^downsample_layers\.0\.", "stem."),
-        (r"^downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
-        (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
-        (r"\.dwconv\.", ".conv_dw."),
-        (r"\.pwconv(\d)\.", r".mlp.fc\1."),
-        (r"\.grn\.gamma$", ".mlp.grn.weight"),
-        (r"\.grn\.beta$", ".mlp.grn.bias"),
-        (r"^norm\.", "head.norm."),
-        (r"^head\.(weight|bias)$", r"head.fc.\1"),
-    ]
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in rules:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
+    return checkpoint_filter_fn(state, model)
 
 
-def convnextv2_spec(state: dict[str, Tensor], arch: str | None) -> tuple[str, dict, dict[str, Tensor]]:
-    """(timm name, timm kwargs, state in timm keys) of an official ConvNeXt V2 checkpoint,
-    dense or FCMAE layout. The size is inferred from the stem width unless ``arch`` names it."""
+def convnextv2_spec(state: dict[str, Tensor], model_name: str | None) -> tuple[str, dict, dict[str, Tensor]]:
+    """(timm name, timm kwargs, state in the dense official layout) of an official ConvNeXt V2
+    checkpoint, dense or FCMAE layout (:func:`convnextv2_to_timm` maps it to timm's keys once the
+    model exists). The size is inferred from the stem width unless ``model_name`` names it."""
     if is_fcmae(state):
         state = fcmae_to_dense(state)
     width = state["downsample_layers.0.0.weight"].shape[0]
-    if arch is None:
-        arch = CONVNEXTV2_SIZES.get(width)
-        if arch is None:
+    if model_name is None:
+        model_name = CONVNEXTV2_SIZES.get(width)
+        if model_name is None:
             raise UserError(f"cannot infer the ConvNeXt V2 size from stem width {width} "
-                             f"(known: {sorted(CONVNEXTV2_SIZES)}); pass arch, e.g. arch='convnextv2_base'.")
-    return arch, {}, convnextv2_dense_to_timm(state)
+                             f"(known: {sorted(CONVNEXTV2_SIZES)}); pass model_name, e.g. model_name='convnextv2_base'.")
+    return model_name, {}, state

@@ -1,0 +1,243 @@
+"""The method contract (``SSLMethod``'s docstring, docs/adding_a_method.md), checked for every
+method of the tiny zoo (``tests/method_zoo.py``: a new method is one entry there).
+
+* ``extract_features`` maps (B, C, H, W) to (B, D), D = ``encoder.num_features``;
+* ``train_transform()`` returns a list of views and ``example_batch`` has exactly their shapes,
+  so ``bench`` works for every method; one real Lightning training step runs on it;
+* ``export`` then ``load_encoder`` give the features ``extract_features`` gives, bitwise;
+* ``fp16_safe`` is declared by the method itself;
+* every random draw of a training step comes from the step generator: the step does not depend
+  on the global RNG, and 2 gloo processes with batch b draw exactly what 1 process with batch
+  2b draws (the 2-process check is marked slow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from torch.overrides import TorchFunctionMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run as a script (the DDP workers)
+
+from conftest import REPO, assert_ok  # noqa: E402
+from method_zoo import ALL_DRAWS, ZOO, build, method_class, teacher_file  # noqa: E402
+
+NAMES = sorted(ZOO)
+
+#: torch functions and tensor methods that draw random numbers (dropout only when it drops).
+RANDOM_OPS = {
+    "rand", "randn", "randint", "randperm", "rand_like", "randn_like", "randint_like", "bernoulli", "multinomial",
+    "normal", "poisson", "uniform_", "normal_", "bernoulli_", "random_", "exponential_", "cauchy_", "log_normal_",
+    "geometric_", "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+}
+
+
+class RandomDraws(TorchFunctionMode):
+    """Records every random draw made under it: the outputs of draws given a ``generator``
+    (``seeded``) and the names of draws from the global RNG (``unseeded``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seeded: list[tuple[str, torch.Tensor]] = []
+        self.unseeded: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in RANDOM_OPS and not _inactive_dropout(name, args, kwargs):
+            if kwargs.get("generator") is not None:
+                self.seeded.append((name, out.detach().clone()))
+            else:
+                self.unseeded.append(name)
+        return out
+
+
+def _inactive_dropout(name: str, args: tuple, kwargs: dict) -> bool:
+    if "dropout" not in name:
+        return False
+    p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+    training = kwargs.get("training", args[2] if len(args) > 2 else True)
+    return p == 0 or not training
+
+
+def fake_trainer(world: int = 1, rank: int = 0, step: int = 3) -> SimpleNamespace:
+    """What a training step reads from its trainer (world size, rank, step, micro-batch)."""
+    return SimpleNamespace(
+        world_size=world, global_rank=rank, global_step=step, accumulate_grad_batches=1, training=True,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=step)), estimated_stepping_batches=10,
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+    )
+
+
+def step_draws(name: str, batch_size: int, world: int = 1, rank: int = 0, global_seed: int = 0) -> dict:
+    """One training step of a zoo method (at step 3 of a fake run) under :class:`RandomDraws`.
+
+    The global RNG is seeded with ``global_seed`` just before the step: a step that draws from it
+    depends on it. Returns the loss, the seeded draws and the names of unseeded ones.
+    """
+    model = build(name, **ALL_DRAWS.get(name, {})).train()
+    batch = model.example_batch(batch_size)
+    model._trainer = fake_trainer(world, rank)
+    model.log_step = lambda *args, **kwargs: None  # logging needs a real trainer; it draws nothing
+    os.environ["PL_GLOBAL_SEED"] = "0"
+    torch.manual_seed(global_seed)
+    with RandomDraws() as draws:
+        loss = model.training_step(batch, 0)
+    return {"loss": loss.detach(), "seeded": draws.seeded, "unseeded": draws.unseeded}
+
+
+# --- shapes, views and the bench step ---------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_extract_features_is_one_vector_per_image(name):
+    model = build(name).eval()
+    size = model.img_size
+    with torch.no_grad():
+        features = model.extract_features(torch.randn(3, 3, size, size))
+    assert features.shape == (3, model.encoder.num_features)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_batch_has_the_shapes_of_the_train_views(name):
+    model = build(name)
+    rng = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (2 * model.img_size, 2 * model.img_size, 3), generator=rng, dtype=torch.uint8)
+    views = model.train_transform()(Image.fromarray(pixels.numpy()))
+    assert isinstance(views, list) and views and all(isinstance(v, torch.Tensor) for v in views)
+    batch, labels = model.example_batch(5)
+    assert isinstance(batch, list) and [tuple(b.shape) for b in batch] == [(5, *v.shape) for v in views]
+    assert labels.shape == (5,)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_one_bench_step_on_the_example_batch(name):
+    from ssl_kit.bench import _fit
+
+    model = build(name)
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    _fit(model, model.example_batch(2), 2, 1, torch.device("cpu"), "32-true", [])
+    after = model.encoder.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+
+
+def test_relicv2_example_batch_is_its_multi_crop():
+    """The bug this contract fixed: ReLICv2's example batch was one tensor split into B "views"."""
+    batch, _ = build("relicv2").example_batch(4)
+    assert [tuple(v.shape) for v in batch] == [(4, 3, 32, 32), (4, 3, 32, 32), (4, 3, 16, 16)]
+
+
+@pytest.mark.slow
+def test_bench_cli_runs_a_multi_crop_config(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ssl_kit", "bench", "--config", "configs/demo/relicv2.yaml", "--data.batch_size", "4",
+         "--steps", "2", "--warmup_steps", "1", "--trainer.precision", "32-true", "--output", str(out)],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=600)
+    assert_ok(proc)
+    result = json.loads(out.read_text())
+    assert result["method"] == "ReLICv2" and result["img_per_s"] > 0 and result["flops_per_img"] > 0
+
+
+# --- weights and precision ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_export_then_load_encoder_gives_identical_features(name, tmp_path):
+    from ssl_kit.callbacks import SafeCheckpointIO
+    from ssl_kit.checkpoints import load_encoder
+    from ssl_kit.export import export
+
+    model = build(name).eval()
+    checkpoint = {"state_dict": model.state_dict(), "global_step": 0}
+    model.on_save_checkpoint(checkpoint)
+    SafeCheckpointIO().save_checkpoint(checkpoint, tmp_path / "last.ckpt")
+    exported = export(str(tmp_path / "last.ckpt"), str(tmp_path / "encoder.safetensors"))
+    x = torch.randn(2, 3, model.img_size, model.img_size)
+    with torch.no_grad():
+        expected = model.extract_features(x)
+        for source in (exported, tmp_path / "last.ckpt"):
+            assert torch.equal(load_encoder(source)(x), expected), source
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fp16_safety_is_declared_by_the_method(name):
+    cls = method_class(name)
+    assert isinstance(cls.__dict__.get("fp16_safe"), bool), f"{cls.__name__} must declare fp16_safe"
+
+
+def test_pixel_regressors_are_not_fp16_safe():
+    assert method_class("mae").fp16_safe is False and method_class("fcmae").fp16_safe is False
+
+
+# --- randomness ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_a_training_step_draws_only_from_the_step_generator(name):
+    first = step_draws(name, 4, global_seed=0)
+    assert first["unseeded"] == [], f"{name} draws from the global RNG: {first['unseeded']}"
+    assert first["seeded"], f"{name}: the step generator drew nothing (masks / negatives expected)"
+    again = step_draws(name, 4, global_seed=1)  # another global RNG state: the same step
+    assert torch.equal(first["loss"], again["loss"])
+
+
+def test_draw_global_keeps_each_ranks_rows_of_the_global_draw():
+    model = build("mae").train()
+    draw = lambda n, g: torch.rand(n, 5, generator=g)  # noqa: E731
+    model._trainer = fake_trainer(world=1)
+    whole = model.draw_global(draw, 6, "cpu")
+    parts = []
+    for rank in range(2):
+        model._trainer = fake_trainer(world=2, rank=rank)
+        parts.append(model.draw_global(draw, 3, "cpu"))
+    assert torch.equal(torch.cat(parts), whole)
+    model._trainer = fake_trainer(world=1, step=4)
+    assert not torch.equal(model.draw_global(draw, 6, "cpu"), whole)
+
+
+def _ddp_worker(rank: int, world: int, port: int, batch_size: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:  # a rank-dependent global RNG: a draw from it would differ between the ranks
+        results = {name: step_draws(name, batch_size, world, rank, global_seed=100 + rank) for name in NAMES}
+        torch.save({n: {"seeded": r["seeded"], "unseeded": r["unseeded"]} for n, r in results.items()},
+                   Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_draw_what_one_process_with_the_global_batch_draws(tmp_path):
+    b = 2
+    teacher_file()  # made once, before the workers race for it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, __file__, str(port), str(b), str(tmp_path)], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert_ok(proc)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name in NAMES:
+        one = step_draws(name, 2 * b)
+        assert one["seeded"] and one["unseeded"] == []
+        for rank, found in enumerate(ranks):
+            assert found[name]["unseeded"] == [], f"{name} rank {rank}: {found[name]['unseeded']}"
+            assert [n for n, _ in found[name]["seeded"]] == [n for n, _ in one["seeded"]], name
+            for (op, got), (_, want) in zip(found[name]["seeded"], one["seeded"]):
+                assert torch.equal(got, want), f"{name} rank {rank}: {op} differs from the 1-process draw"
+
+
+if __name__ == "__main__":  # the 2-process run of the test above: PORT BATCH_SIZE OUT_DIR
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]), nprocs=2)
