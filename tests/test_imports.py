@@ -20,13 +20,14 @@ PACKAGE = REPO / "ssl_kit"
 LAYERS = [
     ["errors"],
     ["checkpoints"],  # the weights layer: format, safe reads, atomic writes, load_encoder
-    ["run_dir", "run_lock", "data", "masking", "losses", "optim"],
+    ["run_dir", "run_lock", "loggers", "data", "masking", "losses", "optim"],
     ["views", "backbones"],
     ["heads"],
     ["methods"],
-    ["evaluators"],
+    ["evaluators", "pictures"],  # pictures: MAE / FCMAE reconstructions rebuild the method
     ["callbacks"],
-    ["export", "benchmarks", "demo"],  # jobs the CLI runs (found by name in ``cli.JOBS``, not imported)
+    # jobs the CLI runs (found by name in ``cli.JOBS``, not imported)
+    ["export", "export_folder", "show", "benchmarks", "demo"],
     # The entry points. ``bench`` parses its config with the CLI's own parser class; ``cli`` names
     # it only as a string, so the two form no cycle. ``ssl_kit/__init__`` lazily offers load_encoder.
     ["cli", "bench", "__main__", "__init__"],

@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover
     decode_jpeg = None
 from torchvision.transforms.v2 import functional as TF
 
-from ssl_kit.data.datasets import to_rgb
+from ssl_kit.data.rgb import to_rgb
 from ssl_kit.errors import BadImageError
 
 #: EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
