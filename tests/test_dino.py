@@ -120,13 +120,15 @@ def _ddp_worker(rank, world, init_file, out_dir):
 def test_two_process_gloo_matches_one_process(tmp_path):
     torch.manual_seed(0)
     reference = _two_steps(DINO(**VIT), _ddp_views())
+    assert min(max(g.abs().max().item() for g in grads) for _, grads, _ in reference) > 1e-3  # >> the tolerance
     torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     for rank in range(2):
         for (loss, grads, center), (ref_loss, ref_grads, ref_center) in zip(torch.load(tmp_path / f"rank{rank}.pt"),
                                                                             reference):
             assert torch.allclose(center, ref_center, rtol=1e-5, atol=1e-7)  # the global batch's centre
             assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
-            assert all(torch.allclose(g, r, rtol=1e-4, atol=1e-7) for g, r in zip(grads, ref_grads))
+            worst = max(((g - r).abs() - 1e-4 * r.abs()).max().item() for g, r in zip(grads, ref_grads))
+            assert len(grads) == len(ref_grads) and worst <= 1e-6, worst
 
 
 # --- teacher, frozen last layer, schedules --------------------------------------------------------------
