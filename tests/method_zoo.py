@@ -45,11 +45,19 @@ ZOO: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "eva": ("ssl_kit.methods.EVA", dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=4,
                                         min_num_patches=8, warmup_epochs=0.0,
                                         teacher=dict(kind="encoder", checkpoint="<teacher_file>")), {}),
+    # freeze_last_layer 1: a resume in epoch 2 crosses the head's last layer's release.
+    "dino": ("ssl_kit.methods.DINO", dict(model_name="resnet18", img_size=32, local_size=16, local_crops_number=1,
+                                          out_dim=32, hidden_dim=32, bottleneck_dim=16, freeze_last_layer=1,
+                                          warmup_epochs=0.0), {}),
 }
 
 #: Constructor overrides that make a method's every step random (e.g. sampled negatives), so the
 #: contract's randomness checks see each kind of draw a method can make.
 ALL_DRAWS: dict[str, dict[str, Any]] = {"relicv2": dict(num_negatives=2)}
+
+#: Methods whose training step draws nothing (all their randomness is augmentation in the data
+#: workers): the contract checks that they draw nothing rather than that they use the step generator.
+NO_STEP_DRAWS = {"dino"}
 
 
 def kwargs_of(name: str, **overrides: Any) -> dict[str, Any]:
@@ -69,3 +77,16 @@ def build(name: str, **overrides: Any):
     """A freshly initialised zoo method (seeded, so two builds have the same weights)."""
     torch.manual_seed(0)
     return method_class(name)(**kwargs_of(name, **overrides))
+
+
+def cli_args(name: str) -> list[str]:
+    """``fit`` arguments that build the zoo entry through the CLI (``--model CLASS --model.init_args.K V``
+    for every constructor kwarg, ``--data.K V`` for its data overrides)."""
+    path, _, data = ZOO[name]
+    args = ["--model", path]
+    for key, value in kwargs_of(name).items():
+        args += [f"--model.init_args.{key}", value if isinstance(value, str) else json.dumps(value)]
+    for key, value in data.items():
+        args += [f"--data.{key}", value if isinstance(value, str) else json.dumps(value)]
+    return args
+

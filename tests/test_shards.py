@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, TINY_MAE, assert_ok, run_cli
+from method_zoo import ZOO, cli_args
 from ssl_kit.data import ImageFolder, SSLDataModule
 from ssl_kit.data.sampler import sample_seed
 from ssl_kit.data.shard_stream import ShardLoader, ShardStream
@@ -264,26 +265,11 @@ def test_mae_resume_on_shards_is_bitwise(tmp_path):
 
 
 # --- every method through the CLI ------------------------------------------------------------------------
-def _method_args() -> dict[str, list[str]]:
-    from test_resume import _teacher_file
-
-    tiny_vit = ["--model.model_name", "vit_tiny_patch16_224", "--model.img_size", "32", "--model.patch_size", "4"]
-    return {
-        "mae": ["--config", "configs/demo/mae.yaml", *tiny_vit, "--model.decoder_embed_dim", "32",
-                "--model.decoder_depth", "1", "--model.decoder_num_heads", "2"],
-        "fcmae": ["--config", "configs/demo/fcmae.yaml", "--model.img_size", "64", "--model.decoder_embed_dim", "32"],
-        "relicv2": ["--config", "configs/demo/relicv2.yaml", "--model.hidden_dim", "32", "--model.out_dim", "16",
-                    "--model.n_large", "2", "--model.n_small", "1"],
-        "eva": ["--config", "configs/demo/eva.yaml", *tiny_vit, "--model.min_num_patches", "8",
-                "--model.teacher.checkpoint", _teacher_file()],
-    }
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["mae", "fcmae", "relicv2", "eva"])
+@pytest.mark.parametrize("method", sorted(ZOO))
 def test_every_method_trains_two_steps_from_shards(shards, tmp_path, method):
     run_dir = tmp_path / "run"
-    proc = run_cli("fit", *_method_args()[method], "--data.dataset", "shards", "--data.root", shards[2],
+    proc = run_cli("fit", *cli_args(method), "--data.dataset", "shards", "--data.root", shards[2],
                    "--data.val_fraction", "0", "--data.batch_size", "4", "--data.num_workers", "1",
                    "--trainer.max_steps", "2", "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu",
                    "--trainer.devices", "1", "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false",
@@ -307,7 +293,7 @@ def test_knn_on_shards_equals_knn_on_the_folder(shards, tmp_path):
     results = {}
     for kind, root, val_root in (("folder", str(folder), str(val_folder)), ("shards", pattern, val_pattern)):
         out = tmp_path / f"{kind}.json"
-        main(["knn", "--encoder", "resnet18", "--img_size", "32", "--k", "[5]", "--accelerator", "cpu",
+        main(["knn", "--encoder", "resnet18", "--img_size", "32", "--k", "[5]", "--trainer.accelerator", "cpu",
               "--data.dataset", kind, "--data.root", root, "--data.val_root", val_root, "--data.num_workers", "0",
               "--data.batch_size", "8", "--output", str(out)])
         results[kind] = json.loads(out.read_text())

@@ -6,7 +6,6 @@ from typing import Any, Callable
 
 import timm
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from ssl_kit.backbones.vit import check_timm_name
@@ -15,6 +14,7 @@ from ssl_kit.heads import ComparisonMLP
 from ssl_kit.losses import relicv2_loss, sample_candidates
 from ssl_kit.methods.base import OptimizerCallable, SSLMethod
 from ssl_kit.methods.ema import EMATarget
+from ssl_kit.methods.multiview import by_resolution, gather_batch
 from ssl_kit.optim import LARS
 from ssl_kit.views.multicrop import MultiCropTransform, SaliencyMasks, check_multicrop, view_photometric
 
@@ -155,23 +155,6 @@ class ReLICv2(SSLMethod):
         return batch
 
     # --- forward and loss -----------------------------------------------------------------
-    def embed(self, net: Callable[[Tensor], Tensor], views: list[Tensor]) -> list[Tensor]:
-        """Run ``net`` once per resolution on the concatenated views (one BatchNorm batch each).
-
-        Shapes:
-            views: V x (B, C, H, W) -> V x (B, out_dim)
-        """
-        out: list[Tensor] = []
-        start = 0
-        while start < len(views):
-            stop = start
-            while stop < len(views) and views[stop].shape[-2:] == views[start].shape[-2:]:
-                stop += 1
-            z = net(torch.cat(views[start:stop]))  # ((stop - start) * B, out_dim)
-            out.extend(z.chunk(stop - start))
-            start = stop
-        return out
-
     def forward(self, views: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Online embeddings of every view, target embeddings of the large views, and the loss.
 
@@ -181,9 +164,9 @@ class ReLICv2(SSLMethod):
         hp = self.hparams
         if len(views) != hp.n_large + hp.n_small:
             raise ValueError(f"expected {hp.n_large} large + {hp.n_small} small views, got {len(views)}.")
-        online = self.embed(lambda x: self.head(self.encoder(x)), views)
+        online = by_resolution(lambda x: self.head(self.encoder(x)), views)
         with torch.no_grad():
-            target = self.embed(self.target, views[: hp.n_large])  # small crops never reach the target
+            target = by_resolution(self.target, views[: hp.n_large])  # small crops never reach the target
         online, rows = zip(*(gather_batch(z, with_grad=True) for z in online))
         target = [gather_batch(t, with_grad=False)[0] for t in target]
         candidates = self._candidates(target[0].shape[0], target[0].device)
@@ -231,26 +214,6 @@ class ReLICv2(SSLMethod):
             if not 1 <= n_e <= global_batch - 1:
                 raise UserError(f"num_negatives={n_e} is not allowed with a global batch of {global_batch} "
                                  f"({world} process(es)): use 1 <= num_negatives <= {global_batch - 1}, or null.")
-
-
-def gather_batch(x: Tensor, with_grad: bool) -> tuple[Tensor, tuple[int, int]]:
-    """Concatenate ``x`` from every process in rank order, and this process's row range in it.
-    ``with_grad``: gradients flow back to each process's own rows (summed over processes).
-
-    Shapes:
-        x: (B, D) -> (world * B, D)
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, (0, x.shape[0])
-    rank, b = dist.get_rank(), x.shape[0]
-    if with_grad:
-        from torch.distributed.nn.functional import all_gather  # autograd-aware all-gather
-
-        parts = all_gather(x)
-    else:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts), (rank * b, rank * b + b)
 
 
 def _check_args(n_large, n_small, img_size, small_size, p_m, temperature, alpha, beta, num_negatives,
