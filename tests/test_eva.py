@@ -223,6 +223,34 @@ def test_student_sees_mask_tokens_at_masked_positions_only(clip_files):
         assert torch.allclose(model.extract_features(imgs), model.forward_student(imgs, torch.zeros(2, 64))[:, 1:].mean(1), atol=1e-5)
 
 
+def test_pooled_target_adds_the_weighted_cosine_of_the_pooled_features():
+    """pooled_weight w adds w x (-cos) between the student's pooled feature (its mean final-norm
+    patch token, through the pooled head or, with pooled_projection false, as it is) and the
+    teacher's pooled feature; a width mismatch without the head is refused at construction."""
+    from ssl_kit.errors import UserError
+    from ssl_kit.methods import EVA
+
+    teacher = TeacherConfig("encoder", "vit_tiny_patch16_224", random_init=True)  # width 192, as the student
+    torch.manual_seed(0)
+    imgs = torch.randn(2, 3, 32, 32)
+    for projection in (True, False):
+        torch.manual_seed(0)
+        model = EVA(teacher=teacher, pooled_weight=0.5, pooled_projection=projection, **TINY_STUDENT).eval()
+        assert isinstance(model.pooled_head, torch.nn.Linear if projection else torch.nn.Identity)
+        mask = model.draw_mask(2, imgs.device)
+        with torch.no_grad():
+            loss, _ = model(imgs, mask)
+            target, pooled_target = model.teacher.targets(imgs, model.grid)
+            tokens = model.forward_student(imgs, mask)[:, 1:]  # (B, L, D) patch tokens
+            patch_loss = masked_negative_cosine(model.head(tokens), target, mask)
+            pooled = model.pooled_head(tokens.mean(1))  # (B, D)
+        expected = patch_loss - 0.5 * F.cosine_similarity(pooled, pooled_target, dim=-1).mean()
+        assert torch.allclose(loss, expected, atol=1e-5), projection
+    with pytest.raises(UserError, match="pooled_projection=false needs the student's width \\(128\\)"):
+        EVA(teacher=teacher, pooled_weight=1.0, pooled_projection=False,
+            **dict(TINY_STUDENT, encoder_kwargs=dict(embed_dim=128, depth=2, num_heads=2)))
+
+
 # --- CLI -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_configs_resolve():
@@ -245,6 +273,7 @@ def test_two_step_fit_through_the_cli(tmp_path):
         "--model.teacher.kind", "open_clip", "--model.teacher.model_name", str(config),
         "--model.teacher.checkpoint", "null", "--model.teacher.random_init", "true",
         "--model.min_num_patches", "8", "--trainer.max_epochs", "1", "--trainer.callbacks", "[]",
+        "--model.pooled_projection", "true",  # the tiny CLIP's pooled width (32) is not the student's (128)
         "--data.dataset", "synthetic", "--data.synthetic_size", "8", "--data.val_fraction", "0",
         "--data.batch_size", "4", "--data.num_workers", "0",
         "--checkpoint.save_last", "true",  # the CLI's parser default (null) overrides RunCheckpoint's True

@@ -48,6 +48,11 @@ class EVA(SSLMethod):
             class token), through its own linear head, regresses the teacher's pooled feature with
             the same negative cosine. The paper's loss trains masked positions only, so the pooled
             feature of an unmasked image is never fitted to the teacher's; this fits it directly.
+        pooled_projection: the pooled target goes through a linear head (True) or the student's
+            pooled feature itself regresses the teacher's (False; the widths must match). Without
+            the head the student's features share the teacher's cosine geometry, which k-NN reads;
+            a head leaves them equal to the teacher's only up to a linear map, which a linear
+            probe undoes and k-NN does not.
         drop_path_rate: student stochastic depth.
         global_pool: the student's feature for evaluators: ``avg`` (mean of the final-norm patch
             tokens, which the loss trains; BEiT/EVA fine-tune this way) or ``token`` (the class token,
@@ -74,6 +79,7 @@ class EVA(SSLMethod):
         min_num_patches: int = 16,
         min_aspect: float = 0.3,
         pooled_weight: float = 0.0,
+        pooled_projection: bool = True,
         drop_path_rate: float = 0.0,
         global_pool: Literal["avg", "token"] = "avg",
         crop_scale: tuple[float, float] = (0.2, 1.0),
@@ -103,7 +109,15 @@ class EVA(SSLMethod):
         self.head = nn.Linear(self.encoder.embed_dim, self.teacher.out_dim)
         if pooled_weight < 0:
             raise UserError(f"pooled_weight={pooled_weight} is not allowed: use 0 (off) or a positive weight.")
-        self.pooled_head = nn.Linear(self.encoder.embed_dim, self.teacher.pooled_dim) if pooled_weight > 0 else None
+        self.pooled_head = None
+        if pooled_weight > 0 and pooled_projection:
+            self.pooled_head = nn.Linear(self.encoder.embed_dim, self.teacher.pooled_dim)
+        elif pooled_weight > 0:
+            if self.encoder.embed_dim != self.teacher.pooled_dim:
+                raise UserError(f"pooled_projection=false needs the student's width ({self.encoder.embed_dim}) to "
+                                f"equal the teacher's pooled width ({self.teacher.pooled_dim}): use "
+                                "pooled_projection: true, or a student of that width.")
+            self.pooled_head = nn.Identity()
 
     def build_encoder(self) -> nn.Module:
         hp = self.hparams
