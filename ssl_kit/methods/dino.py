@@ -5,17 +5,15 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-import timm
 import torch
 from torch import Tensor, nn
 
-from ssl_kit.backbones.vit import check_timm_name
 from ssl_kit.errors import UserError
 from ssl_kit.heads.dino import DINOHead
 from ssl_kit.losses.dino import dino_loss, update_center
 from ssl_kit.methods.base import OptimizerCallable, SSLMethod
 from ssl_kit.methods.ema import EMATarget
-from ssl_kit.methods.multiview import by_resolution
+from ssl_kit.methods.multiview import by_resolution, multicrop_encoder
 from ssl_kit.views.multicrop import BYOL_VIEWS, MultiCropTransform, Photometric
 
 #: Global crops: BYOL's two view settings (blur 1.0; blur 0.1 + solarize 0.2). Local crops: blur 0.5.
@@ -116,13 +114,8 @@ class DINO(SSLMethod):
     # --- encoder and views ----------------------------------------------------------------
     def build_encoder(self) -> nn.Module:
         hp = self.hparams
-        check_timm_name(hp.model_name)
-        kwargs = dict(hp.encoder_kwargs or {})
-        self.encoder_spec = (hp.model_name, kwargs)
-        encoder = timm.create_model(hp.model_name, pretrained=False, num_classes=0, **kwargs)
-        if hp.local_crops_number > 0 and hasattr(encoder, "patch_embed") and not getattr(encoder, "dynamic_img_size", True):
-            raise UserError(f"{hp.model_name!r} has a fixed input size but local crops are {hp.local_size} px: "
-                            "add encoder_kwargs {dynamic_img_size: true} (or set local_crops_number: 0).")
+        encoder, self.encoder_spec = multicrop_encoder(hp.model_name, hp.encoder_kwargs, hp.local_crops_number, hp.local_size,
+                                                       "local_crops_number")
         return encoder
 
     def train_transform(self) -> Callable:

@@ -3,11 +3,29 @@ and embeddings gathered over the global batch."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
+import timm
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+
+from ssl_kit.backbones.vit import check_timm_name
+from ssl_kit.errors import UserError
+
+
+def multicrop_encoder(model_name: str, encoder_kwargs: dict[str, Any] | None, small_crops: int, small_size: int,
+                      small_option: str) -> tuple[nn.Module, tuple[str, dict[str, Any]]]:
+    """A timm encoder (``num_classes=0``) and its spec for a method fed crops of two sizes; an
+    encoder with a fixed input size (a ViT without ``dynamic_img_size``) is refused when there are
+    small crops, naming ``small_option``, the method's option that turns them off."""
+    check_timm_name(model_name)
+    kwargs = dict(encoder_kwargs or {})
+    encoder = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+    if small_crops > 0 and hasattr(encoder, "patch_embed") and not getattr(encoder, "dynamic_img_size", True):
+        raise UserError(f"{model_name!r} has a fixed input size but the small crops are {small_size} px: "
+                        f"add encoder_kwargs {{dynamic_img_size: true}} (or set {small_option}: 0).")
+    return encoder, (model_name, kwargs)
 
 
 def by_resolution(net: Callable[[Tensor], Tensor], views: list[Tensor]) -> list[Tensor]:

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import timm
 import torch
 from torch import Tensor, nn
 
-from ssl_kit.backbones.vit import check_timm_name
 from ssl_kit.errors import UserError
 from ssl_kit.heads import ComparisonMLP
 from ssl_kit.losses import relicv2_loss, sample_candidates
 from ssl_kit.methods.base import OptimizerCallable, SSLMethod
 from ssl_kit.methods.ema import EMATarget
-from ssl_kit.methods.multiview import by_resolution, gather_batch
+from ssl_kit.methods.multiview import by_resolution, multicrop_encoder, gather_batch
 from ssl_kit.optim import LARS
 from ssl_kit.views.multicrop import MultiCropTransform, SaliencyMasks, check_multicrop, view_photometric
 
@@ -108,13 +106,8 @@ class ReLICv2(SSLMethod):
     # --- encoder and views ----------------------------------------------------------------
     def build_encoder(self) -> nn.Module:
         hp = self.hparams
-        check_timm_name(hp.model_name)
-        kwargs = dict(hp.encoder_kwargs or {})
-        self.encoder_spec = (hp.model_name, kwargs)
-        encoder = timm.create_model(hp.model_name, pretrained=False, num_classes=0, **kwargs)
-        if hp.n_small > 0 and hasattr(encoder, "patch_embed") and not getattr(encoder, "dynamic_img_size", True):
-            raise UserError(f"{hp.model_name!r} has a fixed input size but small crops are {hp.small_size} px: "
-                             "add encoder_kwargs {dynamic_img_size: true} (or set n_small: 0).")
+        encoder, self.encoder_spec = multicrop_encoder(hp.model_name, hp.encoder_kwargs, hp.n_small, hp.small_size,
+                                                       "n_small")
         return encoder
 
     def train_transform(self) -> Callable:
