@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ssl_kit.checkpoints import METADATA_KEY, atomic_save_safetensors, encoder_from_checkpoint, export_metadata, load_checkpoint
+from ssl_kit.checkpoints import (
+    METADATA_KEY, atomic_save_safetensors, encoder_from_checkpoint, export_metadata, load_checkpoint,
+)
 from ssl_kit.run_dir import writable_dir, writable_file
 
 

@@ -26,7 +26,8 @@ from ssl_kit.errors import MissingFileError, UserError
 
 ACCEPTED_FORMATS = (
     "an ssl_kit training checkpoint (.ckpt with an 'ssl_kit' entry and a 'state_dict')",
-    "an exported .safetensors (metadata 'timm_model'/'timm_kwargs'; other timm-layout files with model_name=) or export folder",
+    "an exported .safetensors (metadata 'timm_model'/'timm_kwargs'; other timm-layout files with "
+    "model_name=) or export folder",
     "an official MAE checkpoint (.pth with a 'model' dict: cls_token, pos_embed, patch_embed.*, blocks.*)",
     "an official ConvNeXt V2 checkpoint ('model' dict, dense 'downsample_layers.*' or FCMAE 'encoder.*' layout)",
     "a timm model name (random initialisation)",
