@@ -89,4 +89,3 @@ def cli_args(name: str) -> list[str]:
     for key, value in data.items():
         args += [f"--data.{key}", value if isinstance(value, str) else json.dumps(value)]
     return args
-
