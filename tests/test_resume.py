@@ -54,13 +54,15 @@ class CrashAt(pl.Callback):
             raise Crash(f"killed at step {self.step}")
 
 
-def fit(method: str, run_dir: Path, seed: int, ckpt_path=None, crash_at=None, every_n_train_steps=0, workers=0) -> Path:
-    """Build a fresh model and trainer (as a new process would) and fit; returns the run's last.ckpt."""
+def fit(method: str, run_dir: Path, seed: int, ckpt_path=None, crash_at=None, every_n_train_steps=0, workers=0,
+        data: dict | None = None) -> Path:
+    """Build a fresh model and trainer (as a new process would) and fit; returns the run's last.ckpt.
+    ``data`` overrides the data module's arguments (e.g. shards instead of synthetic images)."""
     class_path, kwargs, data_kwargs = METHODS[method]
     module_name, class_name = class_path.rsplit(".", 1)
     pl.seed_everything(seed)
     model = getattr(importlib.import_module(module_name), class_name)(**kwargs)
-    data = SSLDataModule(**{**DATA, **data_kwargs}, num_workers=workers)
+    datamodule = SSLDataModule(**{**DATA, **data_kwargs, **(data or {})}, num_workers=workers)
     callbacks = [RunCheckpoint(str(run_dir), every_n_train_steps=every_n_train_steps)]
     if crash_at is not None:
         callbacks.append(CrashAt(crash_at))
@@ -69,10 +71,10 @@ def fit(method: str, run_dir: Path, seed: int, ckpt_path=None, crash_at=None, ev
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(run_dir), deterministic=True,
     )
     if crash_at is None:
-        trainer.fit(model, data, ckpt_path=ckpt_path)
+        trainer.fit(model, datamodule, ckpt_path=ckpt_path)
     else:
         with pytest.raises(Crash):
-            trainer.fit(model, data, ckpt_path=ckpt_path)
+            trainer.fit(model, datamodule, ckpt_path=ckpt_path)
     return run_dir / "last.ckpt"
 
 

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY_MAE, assert_ok, run_cli
+from conftest import REPO, assert_ok, run_cli
 from method_zoo import ZOO, cli_args
 from ssl_kit.data import ImageFolder, SSLDataModule
 from ssl_kit.data.sampler import sample_seed
@@ -214,25 +213,11 @@ def test_views_do_not_depend_on_workers(shards):
 
 # --- exact resume through Lightning ----------------------------------------------------------------
 def _fit(pattern: str, run_dir: Path, seed: int, workers: int, ckpt_path=None, crash_at=None) -> Path:
-    from test_resume import CrashAt, Crash
+    """test_resume's tiny MAE run (constant lr, 2 epochs), from the shards, last.ckpt every 2 steps."""
+    from test_resume import fit
 
-    from ssl_kit.callbacks import RunCheckpoint
-    from ssl_kit.methods import MAE
-
-    pl.seed_everything(seed)
-    model = MAE(**TINY_MAE, lr_scaling=False, min_lr_ratio=1.0)
-    data = SSLDataModule(dataset="shards", root=pattern, val_fraction=0.0, batch_size=4, num_workers=workers,
-                         shuffle_buffer=5)
-    callbacks = [RunCheckpoint(str(run_dir), every_n_train_steps=2)] + ([CrashAt(crash_at)] if crash_at else [])
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(run_dir),
-                         deterministic=True)
-    if crash_at is None:
-        trainer.fit(model, data, ckpt_path=ckpt_path)
-    else:
-        with pytest.raises(Crash):
-            trainer.fit(model, data, ckpt_path=ckpt_path)
-    return run_dir / "last.ckpt"
+    return fit("mae", run_dir, seed, ckpt_path=ckpt_path, crash_at=crash_at, every_n_train_steps=2,
+               workers=workers, data=dict(dataset="shards", root=pattern, shuffle_buffer=5))
 
 
 @pytest.mark.slow
