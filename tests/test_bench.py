@@ -77,7 +77,7 @@ def test_bench_cpu_figures_and_flops_match_analytic(tmp_path, capsys, one_thread
 
 
 class VirtualClock:
-    """``perf_counter`` for ``ssl_kit.bench``: a training step takes 10 s, each reading 1 ms."""
+    """``perf_counter`` for ``ssl_kit.bench.job``: a training step takes 10 s, each reading 1 ms."""
 
     def __init__(self) -> None:
         self.steps = self.reads = 0
@@ -93,11 +93,11 @@ def test_bench_figures_follow_the_clock(tmp_path, monkeypatch, one_thread):
     and the peak is the matmul's 2 n^3 FLOPs over its (1 ms) best time."""
     from types import SimpleNamespace
 
-    import ssl_kit.bench
+    import ssl_kit.bench.job
     from ssl_kit.methods import MAE
 
     clock = VirtualClock()
-    monkeypatch.setattr(ssl_kit.bench, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(ssl_kit.bench.job, "time", SimpleNamespace(perf_counter=clock.perf_counter))
     step = MAE.training_step
 
     def timed_step(self, *args):
@@ -105,8 +105,8 @@ def test_bench_figures_follow_the_clock(tmp_path, monkeypatch, one_thread):
         return step(self, *args)
 
     monkeypatch.setattr(MAE, "training_step", timed_step)
-    monkeypatch.setattr(ssl_kit.bench, "measured_matmul_tflops", functools.partial(
-        ssl_kit.bench.measured_matmul_tflops, n=256, repeats=2))  # the clock, not the matmul, sets the time
+    monkeypatch.setattr(ssl_kit.bench.job, "measured_matmul_tflops", functools.partial(
+        ssl_kit.bench.job.measured_matmul_tflops, n=256, repeats=2))  # the clock, not the matmul, sets the time
     out = tmp_path / "bench.json"
     main(["bench", "--config", str(REPO / "configs/demo/mae.yaml"), *TINY_OVERRIDES, "--output", str(out)])
     result = json.loads(out.read_text())

@@ -120,7 +120,7 @@ def test_example_batch_has_the_shapes_of_the_train_views(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_one_bench_step_on_the_example_batch(name):
-    from ssl_kit.bench import _fit
+    from ssl_kit.bench.job import _fit
 
     model = build(name)
     before = {k: v.clone() for k, v in model.encoder.state_dict().items()}

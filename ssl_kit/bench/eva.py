@@ -1,6 +1,6 @@
 """EVA training-step time, split into the teacher's forward and the student's forward/backward.
 
-    python -m ssl_kit.benchmarks.eva [--student vit_base_patch16_224 --teacher ViT-L-14 --batch_size 4]
+    python -m ssl_kit.bench.eva [--student vit_base_patch16_224 --teacher ViT-L-14 --batch_size 4]
 
 Each step: block mask -> frozen teacher forward (inference mode; bf16 autocast on CUDA) ->
 student forward with mask tokens + linear head + negative cosine -> backward -> AdamW update.

@@ -1,7 +1,7 @@
 """ReLICv2 step time and multi-crop augmentation throughput.
 
-    python -m ssl_kit.benchmarks.relicv2                       # demo size: ResNet-18, 2x32 + 2x16 px
-    python -m ssl_kit.benchmarks.relicv2 --model resnet50 --img_size 224 --small_size 96 \\
+    python -m ssl_kit.bench.relicv2                       # demo size: ResNet-18, 2x32 + 2x16 px
+    python -m ssl_kit.bench.relicv2 --model resnet50 --img_size 224 --small_size 96 \\
         --n_large 4 --n_small 2 --batch_size 64              # the paper's views (on a GPU)
 
 Prints wall and CPU-process seconds: on a shared CPU the wall figures are inflated by contention,

@@ -1,7 +1,7 @@
 """Training-data throughput per CPU core: decode + RandomResizedCrop(224) + flip on ImageNet-sized JPEGs.
 
-    python -m ssl_kit.benchmarks.data                    # 300 JPEGs, 5 interleaved rounds
-    python -m ssl_kit.benchmarks.data --images 1000 --rounds 7
+    python -m ssl_kit.bench.data                    # 300 JPEGs, 5 interleaved rounds
+    python -m ssl_kit.bench.data --images 1000 --rounds 7
 
 Compares, on the same JPEGs (about 500 x 375, quality 90, made at run time from scikit-learn's two
 bundled photographs by random crops and resizes), each in one process with one torch thread (what

@@ -1,6 +1,6 @@
 """FCMAE training-step time: sparse encoder at mask 0.6 vs the same model's dense step.
 
-    python -m ssl_kit.benchmarks.fcmae [--model_name convnextv2_nano --img_size 224 --batch_size 8 --threads 1]
+    python -m ssl_kit.bench.fcmae [--model_name convnextv2_nano --img_size 224 --batch_size 8 --threads 1]
 
 Three steps (forward + backward + AdamW update) on one fixed batch and one fixed mask:
 

@@ -1,6 +1,6 @@
 """Linear probe wall time: cached features vs encoding every step, same epochs.
 
-    python -m ssl_kit.benchmarks.linear --encoder vit_small_patch16_224 --img_size 224 --images 2048
+    python -m ssl_kit.bench.linear --encoder vit_small_patch16_224 --img_size 224 --images 2048
 
 Prints one row per mode: total ``fit`` wall time (feature extraction included for the cached
 mode), and the speed-up. Synthetic images, random-init encoder; nothing is downloaded.

@@ -1,6 +1,6 @@
 """k-NN search wall time: faiss (exact, ``IndexFlatIP``) vs brute-force torch, same results.
 
-    python -m ssl_kit.benchmarks.knn --bank 100000 --queries 10000 --dim 768 --k 200
+    python -m ssl_kit.bench.knn --bank 100000 --queries 10000 --dim 768 --k 200
 
 Clustered random features (``classes`` Gaussian centroids plus noise) stand in for an encoder's;
 both searches see the same L2-normalised tensors. Prints the wall time of each, the share of
