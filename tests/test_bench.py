@@ -1,4 +1,4 @@
-"""`python -m ssl_kit bench`: positive figures, JSON output, FLOPs against an analytic count."""
+"""`python -m ssl_kit bench`: positive figures, JSON output, FLOPs against an analytic count; the benchmarks' timer."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_bench_cpu_figures_and_flops_match_analytic(tmp_path, capsys, one_thread
 
 
 class VirtualClock:
-    """``perf_counter`` for ``ssl_kit.bench.job``: a training step takes 10 s, each reading 1 ms."""
+    """``perf_counter`` for the benchmarks' timer: a training step takes 10 s, each reading 1 ms."""
 
     def __init__(self) -> None:
         self.steps = self.reads = 0
@@ -94,10 +94,12 @@ def test_bench_figures_follow_the_clock(tmp_path, monkeypatch, one_thread):
     from types import SimpleNamespace
 
     import ssl_kit.bench.job
+    import ssl_kit.bench.timer
     from ssl_kit.methods import MAE
 
     clock = VirtualClock()
-    monkeypatch.setattr(ssl_kit.bench.job, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(ssl_kit.bench.timer, "time", SimpleNamespace(perf_counter=clock.perf_counter,
+                                                                      process_time=lambda: 0.0))
     step = MAE.training_step
 
     def timed_step(self, *args):
@@ -129,3 +131,67 @@ def test_bench_rejects_steps_not_above_warmup(tmp_path, capsys):
 def test_example_batch_is_a_list_of_one_view_for_mae(tiny_mae):
     views, labels = tiny_mae.example_batch(3, "cpu")
     assert [v.shape for v in views] == [(3, 3, 32, 32)] and labels.shape == (3,)
+
+
+# --- the benchmarks' one timer ------------------------------------------------------------------
+class FakeClock:
+    """``time`` for ``ssl_kit.bench.timer``: the work advances it; the CPU clock runs at half speed."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def perf_counter(self) -> float:
+        return self.t
+
+    def process_time(self) -> float:
+        return self.t / 2
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    import ssl_kit.bench.timer
+
+    clock = FakeClock()
+    monkeypatch.setattr(ssl_kit.bench.timer, "time", clock)
+    return clock
+
+
+def test_interleaved_excludes_warmup_and_the_median_ignores_an_outlier(fake_clock):
+    from ssl_kit.bench.timer import interleaved, median
+
+    durations = {"a": iter([100.0, 1.0, 5.0, 2.0]), "b": iter([100.0, 3.0, 3.0, 90.0])}  # first call: warm-up
+    calls = []
+
+    def work(name):
+        def fn():
+            calls.append(name)
+            fake_clock.t += next(durations[name])
+        return fn
+
+    times = interleaved({"a": work("a"), "b": work("b")}, rounds=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-ups first, then round by round
+    assert [t.wall for t in times["a"]] == [1.0, 5.0, 2.0] and [t.wall for t in times["b"]] == [3.0, 3.0, 90.0]
+    assert median(times["a"]).wall == 2.0 and median(times["b"]).wall == 3.0  # not the means 2.67 / 32
+    assert median(times["a"]).cpu == 1.0
+
+
+def test_interleaved_repeats_each_callable_within_a_round(fake_clock):
+    from ssl_kit.bench.timer import interleaved
+
+    calls = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=2, repeats=2,
+                        warmup=0)
+    assert calls == ["a", "a", "b", "b"] * 2 and [len(t) for t in times.values()] == [4, 4]
+
+
+def test_step_timer_times_steps_after_warmup_and_the_span(fake_clock):
+    from ssl_kit.bench.timer import Seconds, StepTimer
+
+    timer = StepTimer(warmup=2)
+    for batch_idx, seconds in enumerate([50.0, 40.0, 1.0, 2.0, 3.0]):
+        timer.on_train_batch_start(None, None, None, batch_idx)
+        fake_clock.t += seconds  # the step
+        timer.on_train_batch_end(None, None, None, None, batch_idx)
+        fake_clock.t += 0.5  # Lightning's work between steps: in the span, not in a step
+    assert timer.steps == [Seconds(1.0, 0.5), Seconds(2.0, 1.0), Seconds(3.0, 1.5)]
+    assert timer.span == Seconds(7.0, 3.5)
