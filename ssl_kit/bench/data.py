@@ -25,13 +25,14 @@ from __future__ import annotations
 import io
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from jsonargparse import CLI
 from PIL import Image
+
+from ssl_kit.bench.timer import Span
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -85,10 +86,11 @@ def ssl_kit_loader(root: str, batch_size: int, size: int, dataset: str, gpu_deco
 
 def timed_pass(loader) -> tuple[int, float, float]:
     """(images, CPU seconds, wall seconds) of one full pass over ``loader``."""
-    cpu, wall, n = time.process_time(), time.perf_counter(), 0
-    for views, _ in loader:
-        n += len(views)
-    return n, time.process_time() - cpu, time.perf_counter() - wall
+    n = 0
+    with Span() as span:
+        for views, _ in loader:
+            n += len(views)
+    return n, span.seconds.cpu, span.seconds.wall
 
 
 def node_requirement(gflops_per_image: float, mfu: float, peak_tflops: float, gpus: int, cores: int) -> str:

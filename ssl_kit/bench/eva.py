@@ -1,49 +1,43 @@
-"""EVA training-step time, split into the teacher's forward and the student's forward/backward.
+"""EVA training-step time, and the teacher's share of it.
 
     python -m ssl_kit.bench.eva [--student vit_base_patch16_224 --teacher ViT-L-14 --batch_size 4]
 
-Each step: block mask -> frozen teacher forward (inference mode; bf16 autocast on CUDA) ->
-student forward with mask tokens + linear head + negative cosine -> backward -> AdamW update.
-The teacher has random weights (only time is measured; nothing is downloaded). Prints the median
-of each part over the timed steps, the teacher's share of the step and images per second. On a
-shared CPU every figure is inflated by the other processes; compare shares, not absolutes.
+The step is EVA's own ``training_step`` (block mask -> frozen teacher forward, inference mode and
+bf16 autocast on CUDA -> student forward with mask tokens + linear head + negative cosine),
+backward and the AdamW update of its ``configure_optimizers``, run by a Lightning ``Trainer`` on
+one example batch (:mod:`ssl_kit.bench.steps`, the path of ``python -m ssl_kit bench``) and timed
+whole. After each step the teacher's forward on the same images is timed alone, interleaved with
+the steps; the rest of the step (mask, student forward, backward, update) is the difference of
+the two medians. The teacher has random weights (only time is measured; nothing is downloaded).
+On a shared CPU every figure is inflated by the other processes; compare shares, not absolutes.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-
+import pytorch_lightning as pl
 import torch
 from jsonargparse import CLI
 
 from ssl_kit.backbones.teacher import TeacherConfig
-from ssl_kit.losses import masked_negative_cosine
+from ssl_kit.bench.steps import pick_device, step_precision, timed_steps
+from ssl_kit.bench.timer import Seconds, Span, median
 from ssl_kit.methods.eva import EVA
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class TeacherTimer(pl.Callback):
+    """After each training step, the teacher's forward alone on the step's images; timed from step
+    ``warmup`` on (earlier ones warm it up too)."""
 
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.times: list[Seconds] = []
 
-def timed_step(model: EVA, opt: torch.optim.Optimizer, imgs: torch.Tensor) -> tuple[float, float]:
-    """One training step; returns (teacher forward seconds, student forward/backward/update seconds)."""
-    device = imgs.device
-    sync(device)
-    start = time.perf_counter()
-    mask = model.draw_mask(imgs.shape[0], device)
-    target = model.teacher(imgs, model.grid)  # (B, L, D_teacher)
-    sync(device)
-    mid = time.perf_counter()
-    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        pred = model.head(model.forward_student(imgs, mask)[:, model.encoder.num_prefix_tokens:])  # (B, L, D_teacher)
-    loss = masked_negative_cosine(pred, target, mask)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    sync(device)
-    return mid - start, time.perf_counter() - mid
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        (imgs,), _ = batch  # one view
+        with Span(imgs.device) as span:
+            pl_module.teacher.targets(imgs, pl_module.grid)  # (B, L, D_teacher), (B, D_pool)
+        if batch_idx >= self.warmup:
+            self.times.append(span.seconds)
 
 
 def main(
@@ -55,9 +49,10 @@ def main(
     steps: int = 3,
     warmup_steps: int = 1,
     device: str = "auto",
+    precision: str | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Time EVA training steps and print the teacher / student split.
+    """Time EVA training steps and print the teacher / rest split.
 
     Args:
         student: timm ViT name of the student.
@@ -68,31 +63,32 @@ def main(
         steps: timed steps (median reported).
         warmup_steps: untimed steps first (allocator, autotuning).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        precision: Lightning precision of the step (default: fp32 on a CPU, bf16-mixed on a GPU
+            that has it); the teacher runs in bf16 on CUDA either way.
         seed: RNG seed.
+
+    Returns:
+        ``teacher_s``, ``student_s`` (the rest of the step), ``step_s`` (median seconds) and ``img_per_s``.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    torch.manual_seed(seed)
+    pl.seed_everything(seed, verbose=False)
+    dev = pick_device(device)
+    precision = step_precision(dev, precision)
     model = EVA(student, img_size=img_size, patch_size=patch_size,
-                teacher=TeacherConfig("open_clip", teacher, random_init=True)).to(dev)
-    opt = torch.optim.AdamW(model.param_groups(), lr=1e-4)
-    imgs = torch.randn(batch_size, 3, img_size, img_size, device=dev)
-    for _ in range(warmup_steps):
-        timed_step(model, opt, imgs)
-    times = [timed_step(model, opt, imgs) for _ in range(steps)]
-    t_teacher = statistics.median(t for t, _ in times)
-    t_student = statistics.median(s for _, s in times)
-    total = t_teacher + t_student
+                teacher=TeacherConfig("open_clip", teacher, random_init=True))
+    teacher_timer = TeacherTimer(warmup_steps)
+    step_timer = timed_steps(model, batch_size, steps, warmup_steps, dev, precision, [teacher_timer])
+    t_step, t_teacher = median(step_timer.steps).wall, median(teacher_timer.times).wall
+    t_rest = t_step - t_teacher
     threads = torch.get_num_threads() if dev.type == "cpu" else None
-    print(f"EVA step on {dev}{f' ({threads} threads)' if threads else ''}: student {student} @ {img_size} px "
-          f"(grid {model.grid[0]}x{model.grid[1]}), teacher open_clip {teacher} @ {model.teacher.input_size[0]} px "
-          f"(grid {model.teacher.grid[0]}x{model.teacher.grid[1]}, width {model.teacher.out_dim}), batch {batch_size}, "
-          f"median of {steps} steps")
-    print(f"  teacher forward            {t_teacher * 1e3:9.1f} ms  ({100 * t_teacher / total:4.1f}% of the step)")
-    print(f"  student fwd + bwd + update {t_student * 1e3:9.1f} ms  ({100 * t_student / total:4.1f}%)")
-    print(f"  step                       {total * 1e3:9.1f} ms  = {batch_size / total:.2f} img/s")
-    return {"teacher_s": t_teacher, "student_s": t_student, "img_per_s": batch_size / total}
+    print(f"EVA step on {dev}{f' ({threads} threads)' if threads else ''}, {precision}: student {student} @ "
+          f"{img_size} px (grid {model.grid[0]}x{model.grid[1]}), teacher open_clip {teacher} @ "
+          f"{model.teacher.input_size[0]} px (grid {model.teacher.grid[0]}x{model.teacher.grid[1]}, width "
+          f"{model.teacher.out_dim}), batch {batch_size}, median of {steps} steps")
+    parts = (("teacher forward (timed alone)", t_teacher), ("rest: mask, student fwd + bwd + update", t_rest))
+    for label, seconds in parts:
+        print(f"  {label:<41}{seconds * 1e3:9.1f} ms  ({100 * seconds / t_step:4.1f}% of the step)")
+    print(f"  {'step: training_step + backward + update':<41}{t_step * 1e3:9.1f} ms  = {batch_size / t_step:.2f} img/s")
+    return {"teacher_s": t_teacher, "student_s": t_rest, "step_s": t_step, "img_per_s": batch_size / t_step}
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ as ReLICv2's EMA update in ``optimizer_step``), never a copy of them.
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
@@ -64,6 +65,7 @@ def timed_steps(model: SSLMethod, batch_size: int, steps: int, warmup_steps: int
 
     ``callbacks`` run after the timer in each hook: work they do at a step's end is not in its time.
     """
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # keep the figures readable
     model.to(device)
     timer = StepTimer(warmup_steps, device)
     fit_steps(model, model.example_batch(batch_size, device), batch_size, warmup_steps + steps, device, precision,
