@@ -1,14 +1,19 @@
-"""`python -m ssl_kit bench`: positive figures, JSON output, FLOPs against an analytic count; the benchmarks' timer."""
+"""`python -m ssl_kit bench`: positive figures, JSON output, FLOPs against an analytic count; the
+benchmarks' timer; every ``python -m ssl_kit.bench.NAME`` benchmark runs at a tiny size."""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, assert_ok
 from ssl_kit.cli import main
 
 TINY_OVERRIDES = [
@@ -195,3 +200,72 @@ def test_step_timer_times_steps_after_warmup_and_the_span(fake_clock):
         fake_clock.t += 0.5  # Lightning's work between steps: in the span, not in a step
     assert timer.steps == [Seconds(1.0, 0.5), Seconds(2.0, 1.0), Seconds(3.0, 1.5)]
     assert timer.span == Seconds(7.0, 3.5)
+
+
+# --- the benchmarks at a tiny size ---------------------------------------------------------------
+def run_benchmark(name: str, *args: str) -> str:
+    """``python -m ssl_kit.bench.NAME ARGS`` in a subprocess (one thread); returns its stdout."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", f"ssl_kit.bench.{name}", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    return proc.stdout
+
+
+def figures(line_start: str, unit: str, out: str) -> list[float]:
+    """The numbers before ``unit`` on the printed lines that start with ``line_start``."""
+    lines = [line for line in out.splitlines() if line.strip().startswith(line_start)]
+    return [float(x) for line in lines for x in re.findall(rf"([0-9.]+) {unit}", line)]
+
+
+@pytest.mark.slow
+def test_fcmae_benchmark_times_every_mode():
+    out = run_benchmark("fcmae", "--model_name", "convnextv2_atto", "--img_size", "64", "--batch_size", "2",
+                        "--decoder_embed_dim", "64", "--rounds", "2", "--steps_per_round", "1", "--threads", "1")
+    for mode in ("sparse", "dense", "dense_cl", "dense_masked"):
+        ms, = figures(mode + " ", "ms/step", out)
+        assert ms > 0, out
+    assert re.search(r"sparse / dense(_cl)? step time: [0-9.]+x", out), out
+
+
+@pytest.mark.slow
+def test_eva_benchmark_splits_the_real_step(tmp_path):
+    from test_eva import TINY_CLIP
+
+    clip = tmp_path / "tiny-clip.json"
+    clip.write_text(json.dumps(TINY_CLIP))
+    out = run_benchmark("eva", "--student", "vit_tiny_patch16_224", "--teacher", str(clip), "--img_size", "32",
+                        "--patch_size", "4", "--batch_size", "2", "--steps", "2")
+    (teacher,), (rest,), (step,) = (figures(part, "ms", out) for part in ("teacher", "rest", "step"))
+    assert 0 < teacher < step and rest == pytest.approx(step - teacher, abs=0.2), out  # printed to 0.1 ms
+    assert figures("step", "img/s", out)[0] > 0, out
+
+
+@pytest.mark.slow
+def test_relicv2_benchmark_times_the_step_and_the_augmentation():
+    out = run_benchmark("relicv2", "--batch_size", "4", "--steps", "2", "--aug_images", "4", "--threads", "1")
+    assert figures("train step", "ms wall", out)[0] > 0 and figures("train step", "ms process CPU", out)[0] > 0, out
+    assert figures("multi-crop", "img/s wall", out)[0] > 0 and figures("kornia", "img/s wall", out)[0] > 0, out
+
+
+def test_knn_benchmark_finds_the_same_neighbours(capsys):
+    from ssl_kit.bench import knn
+
+    knn.main(bank=500, queries=50, dim=16, k=5, classes=5)
+    out = capsys.readouterr().out
+    assert "identical neighbour lists: 100.00% of queries" in out
+    assert len(figures("faiss", "s", out) + figures("torch", "s", out)) == 2
+
+
+def test_linear_benchmark_times_both_modes(one_thread):
+    from ssl_kit.bench import linear
+
+    times = linear.main(img_size=32, images=20, epochs=1, batch_size=8, seeds=1, workers=0)
+    assert set(times) == {"uncached", "cached"} and all(t > 0 for t in times.values())
+
+
+def test_data_benchmark_rates_every_path(tmp_path, one_thread):
+    from ssl_kit.bench import data
+
+    result = data.main(images=6, rounds=1, batch_size=2, size=32, long_side=80, workdir=str(tmp_path))
+    assert len(result["img_per_cpu_s"]) == 5 and all(r > 0 for r in result["img_per_cpu_s"].values())
