@@ -22,7 +22,6 @@ per-round ratios. It also prints the decode rate a node of 8 GPUs needs (see ``-
 
 from __future__ import annotations
 
-import io
 import statistics
 import tempfile
 from pathlib import Path

@@ -63,7 +63,8 @@ def timed_steps(model: SSLMethod, batch_size: int, steps: int, warmup_steps: int
                 precision: str, callbacks: Sequence[pl.Callback] = ()) -> StepTimer:
     """Fit ``warmup_steps + steps`` steps on the model's example batch; the timer of the last ``steps``.
 
-    ``callbacks`` run after the timer in each hook: work they do at a step's end is not in its time.
+    ``callbacks`` run after the timer in each hook: their work at a step's start is inside its time,
+    at its end outside it.
     """
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # keep the figures readable
     model.to(device)

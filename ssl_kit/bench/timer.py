@@ -64,7 +64,7 @@ class Span:
         self._start = now(self.device)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.seconds = now(self.device) - self._start
 
 
