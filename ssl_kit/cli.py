@@ -30,7 +30,7 @@ from ssl_kit.run_lock import claim_run_dir, release_claims
 EXTRA_COMMANDS = {
     "export": "ssl_kit.export:export",
     "knn": "ssl_kit.evaluators.knn_job:knn",
-    "bench": "ssl_kit.bench:bench",
+    "bench": "ssl_kit.bench.job:bench",
     "aggregate": "ssl_kit.evaluators.results:aggregate",
     "shard": "ssl_kit.data.shard_writer:shard",
     "demo": "ssl_kit.demo:demo",

@@ -18,7 +18,7 @@ GPUS = 8
 
 def resolved(config: str):
     """The config as ``python -m ssl_kit fit --config CONFIG`` resolves it (nothing instantiated)."""
-    from ssl_kit.bench import _ParseOnlyCLI
+    from ssl_kit.bench.job import _ParseOnlyCLI
     from ssl_kit.data import SSLDataModule
     from ssl_kit.methods import SSLMethod  # noqa: F401  (registers the methods)
     from ssl_kit.optim.training import TrainingModule  # the CLI's base: methods and evaluators

@@ -114,7 +114,7 @@ def test_outputs_are_proven_writable_by_creating_a_file_before_any_work(tmp_path
     assert code == 2 and err.strip().startswith("error: cannot create the run in '/sys/ssl_kit_run'"), err
     code, err = run_main(["export", str(REPO / "nothing.ckpt"), "--output", "/sys/enc.safetensors"], capsys)
     assert code == 2 and err.strip().startswith("error: cannot create the export in '/sys'"), err
-    import ssl_kit.bench as bench
+    import ssl_kit.bench.job as bench
 
     monkeypatch.setattr(bench, "run_bench", no_features)  # the output is checked before any step runs
     code, err = run_main(["bench", "--config", str(REPO / "configs/mae.yaml"), "--output", "/sys/b.json"], capsys)

@@ -27,9 +27,10 @@ LAYERS = [
     ["evaluators", "pictures"],  # pictures: MAE / FCMAE reconstructions rebuild the method
     ["callbacks"],
     # jobs the CLI runs (found by name in ``cli.JOBS``, not imported)
-    ["export", "export_folder", "show", "benchmarks", "demo"],
-    # The entry points. ``bench`` parses its config with the CLI's own parser class; ``cli`` names
-    # it only as a string, so the two form no cycle. ``ssl_kit/__init__`` lazily offers load_encoder.
+    ["export", "export_folder", "show", "demo"],
+    # The entry points. ``bench`` (the bench job and the benchmarks) parses its config with the
+    # CLI's own parser class; ``cli`` names it only as a string, so the two form no cycle.
+    # ``ssl_kit/__init__`` lazily offers load_encoder.
     ["cli", "bench", "__main__", "__init__"],
 ]
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}

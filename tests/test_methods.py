@@ -120,11 +120,11 @@ def test_example_batch_has_the_shapes_of_the_train_views(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_one_bench_step_on_the_example_batch(name):
-    from ssl_kit.bench import _fit
+    from ssl_kit.bench.steps import fit_steps
 
     model = build(name)
     before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-    _fit(model, model.example_batch(2), 2, 1, torch.device("cpu"), "32-true", [])
+    fit_steps(model, model.example_batch(2), 2, 1, torch.device("cpu"), "32-true", [])
     after = model.encoder.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
 

@@ -297,7 +297,7 @@ def test_fsdp_config_resolves_to_block_wrapping(tmp_path):
     from pytorch_lightning.strategies import FSDPStrategy, Strategy
     from timm.models.vision_transformer import Block
 
-    from ssl_kit.bench import _ParseOnlyCLI
+    from ssl_kit.bench.job import _ParseOnlyCLI
     from ssl_kit.data import SSLDataModule
     from ssl_kit.methods import SSLMethod
 

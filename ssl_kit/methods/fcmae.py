@@ -113,11 +113,20 @@ class FCMAE(SSLMethod):
             ratio = self.mask_ratio if mask_ratio is None else mask_ratio
             mask = self.draw_mask((H // self.patch_size, W // self.patch_size), ratio, B, imgs.device)
         check_input(self.encoder, imgs, mask)
-        latent = forward_sparse(self.encoder, imgs, mask)  # (B, D, h, w), zero at removed cells
+        latent = self.forward_encoder(imgs, mask)  # (B, D, h, w), zero at removed cells
         pred = self.decoder(latent, mask)  # (B, L, P)
         target = pixel_targets(imgs, self.patch_size, self.norm_pix_loss)  # (B, L, P)
         mask = mask.flatten(1)  # (B, L)
         return masked_mse(pred, target, mask), pred, mask
+
+    def forward_encoder(self, imgs: Tensor, mask: Tensor) -> Tensor:
+        """The encoder on the visible patches only (sparse convolution); ``python -m ssl_kit.bench.fcmae``
+        swaps in dense forwards here to compare.
+
+        Shapes:
+            imgs: (B, C, H, W); mask: (B, h, w) -> (B, D, h, w), zero at removed cells.
+        """
+        return forward_sparse(self.encoder, imgs, mask)
 
     def draw_mask(self, grid: tuple[int, int], mask_ratio: float, batch_size: int, device: torch.device) -> Tensor:
         """Per-sample masks; in a training step drawn for the global batch from the step generator

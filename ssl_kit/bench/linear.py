@@ -1,6 +1,6 @@
 """Linear probe wall time: cached features vs encoding every step, same epochs.
 
-    python -m ssl_kit.benchmarks.linear --encoder vit_small_patch16_224 --img_size 224 --images 2048
+    python -m ssl_kit.bench.linear --encoder vit_small_patch16_224 --img_size 224 --images 2048
 
 Prints one row per mode: total ``fit`` wall time (feature extraction included for the cached
 mode), and the speed-up. Synthetic images, random-init encoder; nothing is downloaded.
@@ -9,12 +9,12 @@ mode), and the speed-up. Synthetic images, random-init encoder; nothing is downl
 from __future__ import annotations
 
 import tempfile
-import time
 
 import pytorch_lightning as pl
 import torch
 from jsonargparse import CLI
 
+from ssl_kit.bench.timer import Span
 from ssl_kit.data import SSLDataModule
 from ssl_kit.evaluators.linear import LinearProbe
 
@@ -32,11 +32,9 @@ def time_probe(cache: bool, encoder: str, img_size: int, images: int, epochs: in
         trainer = pl.Trainer(max_epochs=epochs, precision=precision, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, default_root_dir=run_dir,
                              devices=1)
-        start = time.perf_counter()
-        trainer.fit(probe, datamodule=dm)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        with Span("cuda" if torch.cuda.is_available() else None) as span:
+            trainer.fit(probe, datamodule=dm)
+        return span.seconds.wall
 
 
 def main(encoder: str = "vit_tiny_patch16_224", img_size: int = 64, images: int = 512, epochs: int = 10,

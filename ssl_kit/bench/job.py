@@ -9,11 +9,9 @@ over one full training step (forward + backward; the optimizer adds no matmul FL
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import resource
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,8 @@ from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningArgumentParser
 from torch.utils.flop_counter import FlopCounterMode
 
+from ssl_kit.bench.steps import fit_steps
+from ssl_kit.bench.timer import StepTimer, interleaved
 from ssl_kit.callbacks import SpeedUp
 from ssl_kit.callbacks.speed import auto_precision
 from ssl_kit.cli import SSLCLI
@@ -66,19 +66,6 @@ def _instantiate_model(model_config: Namespace) -> SSLMethod:
     return parser.instantiate_classes(Namespace(model=model_config)).model
 
 
-class _RepeatedBatch:
-    """An iterable yielding the same on-device batch ``n`` times (``batch_size`` for lr scaling)."""
-
-    def __init__(self, batch: Any, n: int, batch_size: int) -> None:
-        self.batch, self.n, self.batch_size = batch, n, batch_size
-
-    def __iter__(self):
-        return itertools.repeat(self.batch, self.n)
-
-    def __len__(self) -> int:
-        return self.n
-
-
 class _FlopCount(pl.Callback):
     """Counts the FLOPs of the first training step (forward, backward and optimizer step)."""
 
@@ -93,38 +80,15 @@ class _FlopCount(pl.Callback):
         self.total = self.mode.get_total_flops()
 
 
-class _StepTimer(pl.Callback):
-    """Wall time from the start of step ``warmup`` to the end of the last step, device-synchronised."""
+class _PeakMemoryFrom(pl.Callback):
+    """Resets CUDA's peak-memory counter when step ``warmup`` starts: the peak is the timed steps'."""
 
-    def __init__(self, warmup: int, last: int, device: torch.device) -> None:
-        self.warmup, self.last, self.device = warmup, last, device
-        self.elapsed = 0.0
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
-            self._sync()
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx == self.last:
-            self._sync()
-            self.elapsed = time.perf_counter() - self.start
-
-
-def _fit(model: SSLMethod, batch: Any, batch_size: int, steps: int, device: torch.device, precision: str,
-         callbacks: list[pl.Callback]) -> None:
-    trainer = pl.Trainer(
-        accelerator=device.type, devices=1, precision=precision, max_epochs=1, max_steps=steps,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
-    )
-    trainer.fit(model, train_dataloaders=_RepeatedBatch(batch, steps, batch_size))
+        if batch_idx == self.warmup and pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
 
 
 def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 10) -> float:
@@ -132,16 +96,12 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | No
     n = n or (8192 if device.type == "cuda" else 1024)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     inner = 10 if device.type == "cuda" else 2
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first round warms up
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+
+    def matmuls() -> None:
         for _ in range(inner):
             a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - start)
+
+    best = min(t.wall for t in interleaved({"matmul": matmuls}, rounds=repeats, device=device)["matmul"])
     return 2 * n**3 * inner / best / 1e12
 
 
@@ -180,14 +140,15 @@ def run_bench(cfg: Namespace) -> dict[str, Any]:
     batch = model.example_batch(batch_size, device)
 
     counter = _FlopCount()  # its own uncompiled step: compiled kernels bypass the counter
-    _fit(model, batch, batch_size, 1, device, precision, [counter])
+    fit_steps(model, batch, batch_size, 1, device, precision, [counter])
     peak_before, peak_source = device_peak_tflops(device, precision)
-    timer = _StepTimer(cfg.warmup_steps, cfg.steps - 1, device)
-    _fit(model, batch, batch_size, cfg.steps, device, precision, [SpeedUp(**cfg.speed.as_dict()), timer])
+    timer = StepTimer(cfg.warmup_steps, device)
+    callbacks = [SpeedUp(**cfg.speed.as_dict()), _PeakMemoryFrom(cfg.warmup_steps), timer]
+    fit_steps(model, batch, batch_size, cfg.steps, device, precision, callbacks)
     peak = max(peak_before, device_peak_tflops(device, precision)[0])  # best of both: a busy host dips
 
     timed = cfg.steps - cfg.warmup_steps
-    step_s = timer.elapsed / timed
+    step_s = timer.span.wall / timed
     flops_per_img = counter.total / batch_size
     achieved = flops_per_img * batch_size / step_s / 1e12
     memory, memory_kind = peak_memory_gib(device)

@@ -1,7 +1,7 @@
 """Training-data throughput per CPU core: decode + RandomResizedCrop(224) + flip on ImageNet-sized JPEGs.
 
-    python -m ssl_kit.benchmarks.data                    # 300 JPEGs, 5 interleaved rounds
-    python -m ssl_kit.benchmarks.data --images 1000 --rounds 7
+    python -m ssl_kit.bench.data                    # 300 JPEGs, 5 interleaved rounds
+    python -m ssl_kit.bench.data --images 1000 --rounds 7
 
 Compares, on the same JPEGs (about 500 x 375, quality 90, made at run time from scikit-learn's two
 bundled photographs by random crops and resizes), each in one process with one torch thread (what
@@ -22,16 +22,16 @@ per-round ratios. It also prints the decode rate a node of 8 GPUs needs (see ``-
 
 from __future__ import annotations
 
-import io
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from jsonargparse import CLI
 from PIL import Image
+
+from ssl_kit.bench.timer import Span
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -85,10 +85,11 @@ def ssl_kit_loader(root: str, batch_size: int, size: int, dataset: str, gpu_deco
 
 def timed_pass(loader) -> tuple[int, float, float]:
     """(images, CPU seconds, wall seconds) of one full pass over ``loader``."""
-    cpu, wall, n = time.process_time(), time.perf_counter(), 0
-    for views, _ in loader:
-        n += len(views)
-    return n, time.process_time() - cpu, time.perf_counter() - wall
+    n = 0
+    with Span() as span:
+        for views, _ in loader:
+            n += len(views)
+    return n, span.seconds.cpu, span.seconds.wall
 
 
 def node_requirement(gflops_per_image: float, mfu: float, peak_tflops: float, gpus: int, cores: int) -> str:

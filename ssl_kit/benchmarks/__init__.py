@@ -1,1 +1,0 @@
-"""Benchmarks, each run as ``python -m ssl_kit.benchmarks.NAME``; they print figures."""
