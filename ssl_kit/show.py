@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from ssl_kit.errors import UserError
-from ssl_kit.evaluators.knn_job import EvalData
+from ssl_kit.evaluators.knn_job import EvalData, EvalTrainer
 from ssl_kit.checkpoints import load_encoder
 from ssl_kit.pictures import ReportInputs, reconstructor_from_checkpoint, write_report
 from ssl_kit.run_dir import writable_dir
@@ -27,7 +27,7 @@ def show(
     max_points: int = 2000,
     pca_size: int | None = None,
     seed: int = 0,
-    accelerator: str = "auto",
+    trainer: EvalTrainer = EvalTrainer(),
 ) -> Path:
     """Pictures of an encoder: PCA of patch features, t-SNE, reconstructions, attention; report.html.
 
@@ -51,12 +51,13 @@ def show(
         pca_size: input side for the PCA picture (default: the encoder's; CNNs whose final map
             would be under 8x8 get the smallest multiple of it that gives 8x8).
         seed: seeds the t-SNE, the reconstructions' masks and a timm-name encoder's random init.
-        accelerator: ``auto`` (a GPU if there is one), ``cpu`` or ``gpu``.
+        trainer: where it runs, spelled as for ``fit`` and ``knn``: ``--trainer.accelerator`` ``auto``
+            (a GPU if there is one), ``cpu`` or ``gpu``; one process (``devices`` and ``num_nodes`` 1).
     """
+    _check_args(num_images, max_points, trainer)
     out = writable_dir(Path(output), "the report", hint="pass --output")
-    _check_args(num_images, max_points, accelerator)
     data.check()  # a bad root fails before the encoder loads
-    device = torch.device("cuda" if accelerator != "cpu" and torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     model = load_encoder(encoder, model_name, img_size).to(device)
     size = model.pretrained_cfg["input_size"][-1]
@@ -77,9 +78,12 @@ def show(
     return page
 
 
-def _check_args(num_images: int, max_points: int, accelerator: str) -> None:
+def _check_args(num_images: int, max_points: int, trainer: EvalTrainer) -> None:
     if num_images < 1 or max_points < 5:
         raise UserError(f"num_images={num_images}, max_points={max_points} are not allowed: "
                          "num_images >= 1 and max_points >= 5.")
-    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
-        raise UserError(f"accelerator={accelerator!r} is not allowed: use 'auto', 'cpu' or 'gpu'.")
+    if trainer.accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise UserError(f"trainer.accelerator={trainer.accelerator!r} is not allowed: use 'auto', 'cpu' or 'gpu'.")
+    if (trainer.devices, trainer.num_nodes) != (1, 1):
+        raise UserError(f"trainer.devices={trainer.devices}, trainer.num_nodes={trainer.num_nodes} are not allowed: "
+                         "show runs in one process (devices 1, num_nodes 1).")

@@ -51,9 +51,9 @@ ZOO: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                                           warmup_epochs=0.0), {}),
 }
 
-#: Constructor overrides that make a method's every step random (e.g. sampled negatives), so the
-#: contract's randomness checks see each kind of draw a method can make.
-ALL_DRAWS: dict[str, dict[str, Any]] = {"relicv2": dict(num_negatives=2)}
+#: Constructor overrides that make a method's every step random (e.g. sampled negatives, the batched
+#: photometric step, here on the CPU), so the contract's randomness checks see each kind of draw a method can make.
+ALL_DRAWS: dict[str, dict[str, Any]] = {"relicv2": dict(num_negatives=2, gpu_augment=True)}
 
 #: Methods whose training step draws nothing (all their randomness is augmentation in the data
 #: workers): the contract checks that they draw nothing rather than that they use the step generator.

@@ -14,6 +14,7 @@ from scipy import ndimage
 
 from conftest import assert_ok, run_cli
 from ssl_kit.backbones.teacher import FrozenTeacher, TeacherConfig
+from ssl_kit.backbones.vit import forward_mask_token
 from ssl_kit.losses import masked_negative_cosine
 from ssl_kit.masking import block_masking
 from ssl_kit.views import IMAGENET_MEAN, IMAGENET_STD
@@ -215,12 +216,13 @@ def test_student_sees_mask_tokens_at_masked_positions_only(clip_files):
     patch[0, mask[0].argmax()] = True  # perturb the pixels of one masked patch of sample 0
     pixel = patch.view(2, 1, 8, 8).repeat_interleave(4, 2).repeat_interleave(4, 3)
     with torch.no_grad():
-        out = model.forward_student(imgs, mask)
-        out_perturbed = model.forward_student(imgs + 5.0 * pixel, mask)
+        out = forward_mask_token(model.encoder, imgs, mask, model.mask_token)
+        out_perturbed = forward_mask_token(model.encoder, imgs + 5.0 * pixel, mask, model.mask_token)
     assert torch.allclose(out, out_perturbed, atol=1e-5), "a masked patch's pixels must not reach the student"
     # Evaluators read the mean of the same final-norm patch tokens the loss trains.
     with torch.no_grad():
-        assert torch.allclose(model.extract_features(imgs), model.forward_student(imgs, torch.zeros(2, 64))[:, 1:].mean(1), atol=1e-5)
+        unmasked = forward_mask_token(model.encoder, imgs, torch.zeros(2, 64), model.mask_token)
+        assert torch.allclose(model.extract_features(imgs), unmasked[:, 1:].mean(1), atol=1e-5)
 
 
 def test_pooled_target_adds_the_weighted_cosine_of_the_pooled_features():
@@ -241,7 +243,7 @@ def test_pooled_target_adds_the_weighted_cosine_of_the_pooled_features():
         with torch.no_grad():
             loss, _ = model(imgs, mask)
             target, pooled_target = model.teacher.targets(imgs, model.grid)
-            tokens = model.forward_student(imgs, mask)[:, 1:]  # (B, L, D) patch tokens
+            tokens = forward_mask_token(model.encoder, imgs, mask, model.mask_token)[:, 1:]  # (B, L, D) patch tokens
             patch_loss = masked_negative_cosine(model.head(tokens), target, mask)
             pooled = model.pooled_head(tokens.mean(1))  # (B, D)
         expected = patch_loss - 0.5 * F.cosine_similarity(pooled, pooled_target, dim=-1).mean()

@@ -6,9 +6,11 @@ method of the tiny zoo (``tests/method_zoo.py``: a new method is one entry there
   so ``bench`` works for every method; one real Lightning training step runs on it;
 * ``export`` then ``load_encoder`` give the features ``extract_features`` gives, bitwise;
 * ``fp16_safe`` is declared by the method itself;
-* every random draw of a training step comes from the step generator: the step does not depend
-  on the global RNG, and 2 gloo processes with batch b draw exactly what 1 process with batch
-  2b draws (the 2-process check is marked slow).
+* every random draw of a training step comes from the step generator: given it, or made under
+  the global RNG forked and seeded from it (kornia's, in ReLICv2's batched photometric step), so
+  the step leaves the global RNG as it found it, draws the same under any global RNG state and
+  differently at another step, and 2 gloo processes with batch b draw exactly what 1 process with
+  batch 2b draws (the 2-process check is marked slow).
 """
 
 from __future__ import annotations
@@ -42,23 +44,19 @@ RANDOM_OPS = {
 
 
 class RandomDraws(TorchFunctionMode):
-    """Records every random draw made under it: the outputs of draws given a ``generator``
-    (``seeded``) and the names of draws from the global RNG (``unseeded``)."""
+    """Records every random draw made under it as (op name, output, whether it was given a
+    ``generator``). A draw without one is from the global RNG, or from a fork of it seeded in the step."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.seeded: list[tuple[str, torch.Tensor]] = []
-        self.unseeded: list[str] = []
+        self.draws: list[tuple[str, torch.Tensor, bool]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         if name in RANDOM_OPS and not _inactive_dropout(name, args, kwargs):
-            if kwargs.get("generator") is not None:
-                self.seeded.append((name, out.detach().clone()))
-            else:
-                self.unseeded.append(name)
+            self.draws.append((name, out.detach().clone(), kwargs.get("generator") is not None))
         return out
 
 
@@ -79,21 +77,32 @@ def fake_trainer(world: int = 1, rank: int = 0, step: int = 3) -> SimpleNamespac
     )
 
 
-def step_draws(name: str, batch_size: int, world: int = 1, rank: int = 0, global_seed: int = 0) -> dict:
-    """One training step of a zoo method (at step 3 of a fake run) under :class:`RandomDraws`.
+def step_draws(name: str, batch_size: int, world: int = 1, rank: int = 0, global_seed: int = 0, step: int = 3) -> dict:
+    """One training step of a zoo method (at ``step`` of a fake run) under :class:`RandomDraws`,
+    from the batch as it reaches the device (``on_after_batch_transfer``, e.g. ReLICv2's batched
+    photometric step) to the loss.
 
     The global RNG is seeded with ``global_seed`` just before the step: a step that draws from it
-    depends on it. Returns the loss, the seeded draws and the names of unseeded ones.
+    depends on it. Returns the loss, the draws and whether the global RNG was left as it was.
     """
     model = build(name, **ALL_DRAWS.get(name, {})).train()
     batch = model.example_batch(batch_size)
-    model._trainer = fake_trainer(world, rank)
+    model._trainer = fake_trainer(world, rank, step)
     model.log_step = lambda *args, **kwargs: None  # logging needs a real trainer; it draws nothing
     os.environ["PL_GLOBAL_SEED"] = "0"
     torch.manual_seed(global_seed)
+    before = torch.get_rng_state()
     with RandomDraws() as draws:
-        loss = model.training_step(batch, 0)
-    return {"loss": loss.detach(), "seeded": draws.seeded, "unseeded": draws.unseeded}
+        loss = model.training_step(model.on_after_batch_transfer(batch, 0), 0)
+    return {"loss": loss.detach(), "draws": draws.draws, "rng_kept": torch.equal(before, torch.get_rng_state())}
+
+
+def assert_same_draws(found: list, want: list, what: str) -> None:
+    """The same ops drew the same values, in the same order."""
+    assert [op for op, _, _ in found] == [op for op, _, _ in want], what
+    for i, ((op, got, seeded), (_, expected, _)) in enumerate(zip(found, want)):
+        how = "" if seeded else " (no generator given)"
+        assert torch.equal(got, expected), f"{what}: draw {i}, {op}{how}, differs"
 
 
 # --- shapes, views and the bench step ---------------------------------------------------------
@@ -181,13 +190,18 @@ def test_pixel_regressors_are_not_fp16_safe():
 @pytest.mark.parametrize("name", NAMES)
 def test_a_training_step_draws_only_from_the_step_generator(name):
     first = step_draws(name, 4, global_seed=0)
-    assert first["unseeded"] == [], f"{name} draws from the global RNG: {first['unseeded']}"
+    assert first["rng_kept"], f"{name}'s step moved the global RNG: it draws from it"
     if name in NO_STEP_DRAWS:
-        assert first["seeded"] == [], f"{name} is listed as drawing nothing in its step"
-    else:
-        assert first["seeded"], f"{name}: the step generator drew nothing (masks / negatives expected)"
+        assert first["draws"] == [], f"{name} is listed as drawing nothing in its step"
+        return
+    assert any(seeded for _, _, seeded in first["draws"]), f"{name}: the step generator drew nothing"
     again = step_draws(name, 4, global_seed=1)  # another global RNG state: the same step
+    assert_same_draws(again["draws"], first["draws"], f"{name} under another global RNG state")
     assert torch.equal(first["loss"], again["loss"])
+    later = step_draws(name, 4, step=4)  # seeded by the step, not by a constant
+    for seeded in (True, False):
+        now, then = ([v for _, v, s in r["draws"] if s == seeded] for r in (first, later))
+        assert not now or any(not torch.equal(a, b) for a, b in zip(now, then)), f"{name}: step 4 drew as step 3"
 
 
 def test_draw_global_keeps_each_ranks_rows_of_the_global_draw():
@@ -202,6 +216,12 @@ def test_draw_global_keeps_each_ranks_rows_of_the_global_draw():
     assert torch.equal(torch.cat(parts), whole)
     model._trainer = fake_trainer(world=1, step=4)
     assert not torch.equal(model.draw_global(draw, 6, "cpu"), whole)
+    # Nested draws (ReLICv2's kornia parameters: views x ops x {name: tensor}) keep their structure.
+    nested = lambda n, g: [{"a": torch.rand(n, 2, generator=g)}, (torch.rand(n, generator=g),)]  # noqa: E731
+    model._trainer = fake_trainer(world=2, rank=1)
+    mine, whole = model.draw_global(nested, 3, "cpu"), nested(6, model.step_generator("cpu"))
+    assert isinstance(mine, list) and list(mine[0]) == ["a"] and isinstance(mine[1], tuple)
+    assert torch.equal(mine[0]["a"], whole[0]["a"][3:]) and torch.equal(mine[1][0], whole[1][0][3:])
 
 
 def _ddp_worker(rank: int, world: int, port: int, batch_size: int, out: str) -> None:
@@ -212,7 +232,7 @@ def _ddp_worker(rank: int, world: int, port: int, batch_size: int, out: str) -> 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:  # a rank-dependent global RNG: a draw from it would differ between the ranks
         results = {name: step_draws(name, batch_size, world, rank, global_seed=100 + rank) for name in NAMES}
-        torch.save({n: {"seeded": r["seeded"], "unseeded": r["unseeded"]} for n, r in results.items()},
+        torch.save({n: {"draws": r["draws"], "rng_kept": r["rng_kept"]} for n, r in results.items()},
                    Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -232,12 +252,10 @@ def test_two_processes_draw_what_one_process_with_the_global_batch_draws(tmp_pat
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name in NAMES:
         one = step_draws(name, 2 * b)
-        assert bool(one["seeded"]) != (name in NO_STEP_DRAWS) and one["unseeded"] == []
+        assert bool(one["draws"]) != (name in NO_STEP_DRAWS) and one["rng_kept"], name
         for rank, found in enumerate(ranks):
-            assert found[name]["unseeded"] == [], f"{name} rank {rank}: {found[name]['unseeded']}"
-            assert [n for n, _ in found[name]["seeded"]] == [n for n, _ in one["seeded"]], name
-            for (op, got), (_, want) in zip(found[name]["seeded"], one["seeded"]):
-                assert torch.equal(got, want), f"{name} rank {rank}: {op} differs from the 1-process draw"
+            assert found[name]["rng_kept"], f"{name} rank {rank} moved the global RNG"
+            assert_same_draws(found[name]["draws"], one["draws"], f"{name} rank {rank} against 1 process")
 
 
 if __name__ == "__main__":  # the 2-process run of the test above: PORT BATCH_SIZE OUT_DIR

@@ -131,12 +131,16 @@ def test_ema_update_and_schedule_end_points():
     assert not any(p.requires_grad for p in target.parameters())
 
 
+def _datamodule(batch_size=4):
+    from ssl_kit.data import SSLDataModule
+
+    return SSLDataModule(dataset="synthetic", batch_size=batch_size, num_workers=0, synthetic_size=16, image_size=40)
+
+
 def _fit(model, steps=2, batch_size=4):
     import pytorch_lightning as pl
 
-    from ssl_kit.data import SSLDataModule
-
-    dm = SSLDataModule(dataset="synthetic", batch_size=batch_size, num_workers=0, synthetic_size=16, image_size=40)
+    dm = _datamodule(batch_size)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, dm)
@@ -217,6 +221,67 @@ def test_gpu_path_draws_parameters_per_sample():
         assert torch.cdist(flat, flat).add(torch.eye(16)).min() > 1e-3  # pairwise different
         changed = (view - (crop - mean) / std).flatten(1).abs().amax(1) > 1e-3
         assert changed.float().mean() >= 0.75  # jitter alone runs with p = 0.8
+
+
+def test_gpu_path_in_a_training_step_draws_for_the_global_batch_from_the_step_generator():
+    """In a training step the kornia parameters are drawn for the global batch from the step
+    generator: the views are augmented (not only normalised), the same under another global RNG
+    state (which is left as it was), different at another step, and 2 processes' halves are the
+    1-process views."""
+    from test_methods import fake_trainer
+
+    torch.manual_seed(0)
+    model = ReLICv2(**TINY, gpu_augment=True).train()
+    model.train_transform()  # builds the module's kornia pipelines
+    rng = torch.Generator().manual_seed(0)
+    views = [torch.rand(8, 3, s, s, generator=rng) for s in (32, 32, 16)]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def augmented(world=1, rank=0, step=3, global_seed=0):
+        model._trainer = fake_trainer(world, rank, step)
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        out = model.augment_views([v[rows] for v in views])
+        assert torch.equal(torch.get_rng_state(), before)
+        return out
+
+    first = augmented()
+    for view, raw in zip(first, views):
+        changed = (view - (raw - mean) / std).flatten(1).abs().amax(1) > 1e-3  # (8,)
+        assert changed.float().mean() >= 0.5
+    assert all(torch.equal(a, b) for a, b in zip(first, augmented(global_seed=1)))
+    assert all(not torch.equal(a, b) for a, b in zip(first, augmented(step=4)))
+    halves = [augmented(world=2, rank=r, global_seed=100 + r) for r in range(2)]
+    for v, view in enumerate(first):  # the same parameters, applied per sample: equal up to float noise
+        assert torch.allclose(torch.cat([h[v] for h in halves]), view, atol=1e-6, rtol=0), v
+
+
+def test_gpu_path_in_a_lightning_fit_uses_the_step_generator():
+    """In a real fit (on the CPU) the batch reaching training_step went through the batched
+    photometric step, with parameters that do not depend on the global RNG."""
+    import pytorch_lightning as pl
+
+    torch.manual_seed(0)
+    model = ReLICv2(**TINY, gpu_augment=True)
+    augment, checked = model.augment_views, []
+
+    class Recheck(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            torch.manual_seed(1000 + batch_idx)  # another global RNG state: the same views
+            again = augment(model.raw_views)
+            checked.append(all(torch.equal(a, b) for a, b in zip(batch[0], again)))
+
+    def recording(views):
+        model.raw_views = [v.clone() for v in views]
+        return augment(views)
+
+    model.augment_views = recording
+    dm = _datamodule()
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Recheck()])
+    trainer.fit(model, dm)
+    assert checked == [True, True]
 
 
 def _raw_views(ph, img: torch.Tensor, n: int, path: str) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from ssl_kit.evaluators.knn_job import EvalData
+from ssl_kit.evaluators.knn_job import EvalData, EvalTrainer
 from ssl_kit.pictures import ReportInputs, patch_features, pca_rgb, write_report
 from ssl_kit.pictures.canvas import font
 from ssl_kit.show import show
@@ -200,7 +200,7 @@ def test_show_for_every_encoder_kind(tmp_path, image_folder):
     for kind, source in sources.items():
         data = EvalData(dataset="folder", root=str(image_folder), val_fraction=0.25, num_workers=0)
         page = show(encoder=source, data=data, output=str(tmp_path / kind), num_images=N_SHOWN, max_points=20,
-                    img_size=32 if kind in ("official", "timm") else None, accelerator="cpu")
+                    img_size=32 if kind in ("official", "timm") else None, trainer=EvalTrainer("cpu"))
         names = sorted(p.name for p in page.parent.iterdir())
         expected = ["attention.png", "embedding.png", "pca.png", "report.html"]
         assert names == sorted(expected + ["reconstructions.png"] * (kind == "ssl_kit")), kind
@@ -222,7 +222,7 @@ def test_show_cli_writes_the_report_and_refuses_bad_input(tmp_path, image_folder
     ckpt = _ssl_kit_mae_checkpoint(tmp_path / "run")
     out = tmp_path / "report"
     proc = run_cli("show", "--encoder", str(ckpt), "--data.root", str(image_folder), "--output", str(out),
-                   "--num_images", "4", "--max_points", "20", "--data.num_workers", "0")
+                   "--num_images", "4", "--max_points", "20", "--data.num_workers", "0", "--trainer.accelerator", "cpu")
     assert_ok(proc)
     assert f"report written to {out / 'report.html'}" in proc.stdout
     assert "features" in proc.stderr  # the progress bar of the feature extraction
@@ -240,3 +240,18 @@ def test_show_cli_writes_the_report_and_refuses_bad_input(tmp_path, image_folder
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and what in lines[0], proc.stderr
     assert sorted(p.name for p in out.iterdir()) == before  # the earlier report is untouched
+
+
+def test_show_spells_the_accelerator_as_fit_and_knn_do(tmp_path):
+    """``--trainer.accelerator`` (fit's and knn's flag); a bad value, more than one process or the
+    old ``--accelerator`` is one error line, exit code 2, before the report folder is made."""
+    out = tmp_path / "report"
+    for flags, what in ((["--trainer.accelerator", "tpu"], "trainer.accelerator='tpu' is not allowed"),
+                        (["--trainer.devices", "2"], "show runs in one process"),
+                        (["--accelerator", "cpu"], "unrecognized arguments: --accelerator")):
+        proc = run_cli("show", "--encoder", "vit_tiny_patch16_224", "--data.dataset", "digits", "--output", str(out),
+                       *flags)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and what in lines[0], proc.stderr
+    assert not out.exists()

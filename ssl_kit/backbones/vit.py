@@ -1,4 +1,5 @@
-"""timm Vision Transformers with MAE's fixed sin-cos position embedding and a visible-token forward."""
+"""timm Vision Transformers with MAE's fixed sin-cos position embedding and the masked forwards:
+visible tokens only (MAE) or every token with a mask token in place of the masked ones (EVA)."""
 
 from __future__ import annotations
 
@@ -126,6 +127,24 @@ def forward_visible(vit: VisionTransformer, imgs: Tensor, ids_keep: Tensor) -> T
     x = torch.cat([x[:, :n_prefix], visible], dim=1)  # (B, n_prefix + K, D)
     x = vit.norm_pre(x)
     x = vit.blocks(x)
+    return vit.norm(x)
+
+
+def forward_mask_token(vit: VisionTransformer, imgs: Tensor, mask: Tensor, mask_token: Tensor) -> Tensor:
+    """Run the encoder on the whole sequence, the masked patch embeddings replaced by ``mask_token``.
+
+    The swap happens before the position embeddings are added, so a mask token still knows
+    where it sits; a masked patch's pixels reach no output.
+
+    Shapes:
+        imgs: (B, C, H, W); mask: (B, L), 1 = masked; mask_token: (1, 1, D)
+        -> (B, n_prefix + L, D), after the final norm.
+    """
+    x = vit.patch_embed(imgs)  # (B, L, D)
+    w = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+    x = x * (1 - w) + mask_token.to(x.dtype) * w
+    x = vit._pos_embed(x)  # (B, n_prefix + L, D)
+    x = vit.blocks(vit.norm_pre(x))
     return vit.norm(x)
 
 

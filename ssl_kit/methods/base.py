@@ -31,8 +31,9 @@ class SSLMethod(TrainingModule):
     * The class declares ``fp16_safe`` (False when the loss regresses pixels).
     * Every random draw of a training step comes from the step generator: per-sample draws
       through :meth:`draw_global`, draws every rank needs whole from :meth:`step_generator`;
-      never from the global RNG. N processes with batch b then draw what one process with
-      batch N x b draws, and a resumed run draws like an uninterrupted one.
+      never from the global RNG (a library that draws only from it, like kornia, draws under a
+      fork of it seeded from the step generator). N processes with batch b then draw what one
+      process with batch N x b draws, and a resumed run draws like an uninterrupted one.
     * Frozen sub-modules rebuilt from their own source stay out of checkpoints
       (``ssl_kit.checkpoints.strip_frozen`` / ``restore_frozen``); ``checkpoint["ssl_kit"]`` is
       extended, never replaced.
@@ -106,21 +107,21 @@ class SSLMethod(TrainingModule):
     def draw_global(self, draw: Callable[..., Any], batch_size: int, device: torch.device | str) -> Any:
         """Per-sample randomness of a training step, drawn for the *global* batch, this rank's rows kept.
 
-        ``draw(n, generator)`` returns a tensor (or a tuple of tensors) with one row per sample.
-        In a training step it is called with the global batch size and :meth:`step_generator`, and
-        this rank's ``batch_size`` rows are returned: N processes with batch b draw exactly what one
-        process with batch N x b draws, and a resumed run draws like an uninterrupted one. Outside
-        a training step (inference, reconstructions, tests without a trainer) the global RNG is used.
+        ``draw(n, generator)`` returns a tensor with one row per sample, or tuples, lists and dicts
+        of them (nested). In a training step it is called with the global batch size and
+        :meth:`step_generator`, and this rank's ``batch_size`` rows are returned: N processes with
+        batch b draw exactly what one process with batch N x b draws, and a resumed run draws like
+        an uninterrupted one. Outside a training step (inference, reconstructions, tests without a
+        trainer) the global RNG is used.
 
         Shapes:
-            draw(n, g) -> (n, ...) or a tuple of them; returns (batch_size, ...) likewise.
+            draw(n, g) -> (n, ...) or a nest of them; returns (batch_size, ...) likewise.
         """
         if not self.training or self._trainer is None:
             return draw(batch_size, None)
         world, rank = self.trainer.world_size, self.trainer.global_rank
         drawn = draw(world * batch_size, self.step_generator(device))
-        rows = slice(rank * batch_size, (rank + 1) * batch_size)
-        return tuple(t[rows] for t in drawn) if isinstance(drawn, tuple) else drawn[rows]
+        return _rows(drawn, slice(rank * batch_size, (rank + 1) * batch_size))
 
     @property
     def run_seed(self) -> int:
@@ -136,3 +137,12 @@ class SSLMethod(TrainingModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._run_seed = checkpoint.get(METADATA_KEY, {}).get("run_seed")
+
+
+def _rows(drawn: Any, rows: slice) -> Any:
+    """Rows ``rows`` of every tensor in ``drawn`` (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(drawn, dict):
+        return {k: _rows(v, rows) for k, v in drawn.items()}
+    if isinstance(drawn, (tuple, list)):
+        return type(drawn)(_rows(v, rows) for v in drawn)
+    return drawn[rows]

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ssl_kit.backbones.teacher import FrozenTeacher, TeacherConfig
-from ssl_kit.backbones.vit import create_vit
+from ssl_kit.backbones.vit import create_vit, forward_mask_token
 from ssl_kit.checkpoints.frozen import restore_frozen, strip_frozen
 from ssl_kit.errors import UserError
 from ssl_kit.losses import masked_negative_cosine
@@ -145,20 +145,6 @@ class EVA(SSLMethod):
             batch_size, "cpu")
         return mask.to(device, non_blocking=True)
 
-    def forward_student(self, imgs: Tensor, mask: Tensor) -> Tensor:
-        """The student on the whole sequence, masked patch embeddings replaced by the mask token.
-
-        Shapes:
-            imgs: (B, C, H, W); mask: (B, L) -> every output token (B, n_prefix + L, D), after the final norm.
-        """
-        vit = self.encoder
-        x = vit.patch_embed(imgs)  # (B, L, D)
-        w = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
-        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
-        x = vit._pos_embed(x)  # (B, n_prefix + L, D): position embeddings also mark where masked tokens sit
-        x = vit.blocks(vit.norm_pre(x))
-        return vit.norm(x)
-
     def forward(self, imgs: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Mask, run the student and the teacher, and score the masked positions (plus the
         pooled target when ``pooled_weight > 0``).
@@ -169,7 +155,7 @@ class EVA(SSLMethod):
         if mask is None:
             mask = self.draw_mask(imgs.shape[0], imgs.device)
         target, pooled_target = self.teacher.targets(imgs, self.grid)  # (B, L, D_t), (B, D_pool); no graph
-        tokens = self.forward_student(imgs, mask)  # (B, n_prefix + L, D)
+        tokens = forward_mask_token(self.encoder, imgs, mask, self.mask_token)  # (B, n_prefix + L, D)
         pred = self.head(tokens[:, self.encoder.num_prefix_tokens:])  # (B, L, D_t)
         loss = masked_negative_cosine(pred, target, mask)
         if self.pooled_head is not None:

@@ -14,7 +14,7 @@ from ssl_kit.methods.base import OptimizerCallable, SSLMethod
 from ssl_kit.methods.ema import EMATarget
 from ssl_kit.methods.multiview import by_resolution, multicrop_encoder, gather_batch
 from ssl_kit.optim import LARS
-from ssl_kit.views.multicrop import MultiCropTransform, SaliencyMasks, check_multicrop, view_photometric
+from ssl_kit.views.multicrop import BatchedPhotometric, MultiCropTransform, SaliencyMasks, check_multicrop
 
 
 def lars(params) -> LARS:
@@ -101,7 +101,7 @@ class ReLICv2(SSLMethod):
         self.encoder = self.build_encoder()
         self.head = ComparisonMLP(self.encoder.num_features, hidden_dim, out_dim, num_layers, head_batch_norm)
         self.target = EMATarget(nn.Sequential(self.encoder, self.head), base_momentum, final_momentum)
-        self._gpu_views: list[nn.Module] | None = None  # kornia pipelines, when augmenting on the GPU
+        self._gpu_views: BatchedPhotometric | None = None  # kornia pipelines, when augmenting on the GPU
 
     # --- encoder and views ----------------------------------------------------------------
     def build_encoder(self) -> nn.Module:
@@ -118,7 +118,7 @@ class ReLICv2(SSLMethod):
         on_gpu = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         gpu = on_gpu if hp.gpu_augment is None else hp.gpu_augment
         sizes = [hp.img_size] * hp.n_large + [hp.small_size] * hp.n_small
-        self._gpu_views = [view_photometric(v).kornia(s) for v, s in enumerate(sizes)] if gpu else None
+        self._gpu_views = BatchedPhotometric(sizes) if gpu else None
         return MultiCropTransform(hp.n_large, hp.n_small, hp.img_size, hp.small_size, hp.large_scale,
                                   hp.small_scale, saliency, hp.p_m, photometric=not gpu)
 
@@ -136,10 +136,16 @@ class ReLICv2(SSLMethod):
     def augment_views(self, views: list[Tensor]) -> list[Tensor]:
         """Batched photometric augmentation + normalisation (the GPU path), per-sample parameters.
 
+        In a training step the parameters are drawn for the global batch from the step generator
+        and this process applies its own rows (:meth:`draw_global`), so any world size and a resumed
+        run augment each image as one uninterrupted process would. They are drawn on the CPU, where
+        kornia draws (the step generator lives where the draw runs), and are tiny.
+
         Shapes:
             views: V x (B, C, H, W) in [0, 1] -> V x (B, C, H, W) normalised.
         """
-        return [aug(v) for aug, v in zip(self._gpu_views, views)]
+        params = self.draw_global(self._gpu_views.draw, views[0].shape[0], "cpu")
+        return self._gpu_views(views, params)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self._gpu_views is not None and self._trainer is not None and self.trainer.training:

@@ -3,8 +3,8 @@
 Used by ReLICv2 (Tomasev et al., 2022, arXiv:2201.05119): ``n_large`` large crops and ``n_small``
 small crops per image. The photometric part (colour jitter, grayscale, blur, solarize, normalise)
 is described once by :class:`Photometric` and built either as a per-image torchvision pipeline
-(CPU data workers) or as a batched kornia pipeline with per-sample random parameters (GPU), so both
-paths draw from the same distributions.
+(CPU data workers) or as a batched kornia pipeline with per-sample random parameters (GPU,
+:class:`BatchedPhotometric`), so both paths draw from the same distributions.
 """
 
 from __future__ import annotations
@@ -82,6 +82,79 @@ def view_photometric(v: int, views: Sequence[Photometric] = BYOL_VIEWS) -> Photo
     """View ``v``'s photometric setting: ``views`` cycled over view indices. The CPU transform and
     the GPU pipelines both call this, so view ``v`` draws from one distribution on either path."""
     return views[v % len(views)]
+
+
+#: kornia parameters drawn once per batch, not per sample (ColorJitter's order of the four adjustments).
+BATCH_WIDE_PARAMS = frozenset({"order"})
+
+
+class BatchedPhotometric:
+    """The photometric step of every view batched with kornia (the GPU path): view ``v`` of size
+    ``sizes[v]`` gets :meth:`Photometric.kornia` of :func:`view_photometric`, parameters drawn per sample.
+
+    The parameters are drawn apart from the images (:meth:`draw`) and for any number of samples,
+    so a process can draw them for the whole global batch and apply only its own rows.
+
+    Args:
+        sizes: each view's side, in view order.
+        views: photometric settings cycled over view indices (default: BYOL's two).
+
+    Examples:
+        >>> gpu = BatchedPhotometric([32, 16])
+        >>> views = gpu([torch.rand(4, 3, 32, 32), torch.rand(4, 3, 16, 16)], gpu.draw(4))
+    """
+
+    def __init__(self, sizes: Sequence[int], views: Sequence[Photometric] = BYOL_VIEWS) -> None:
+        self.sizes = list(sizes)
+        self.pipelines = [view_photometric(v, views).kornia(s) for v, s in enumerate(self.sizes)]
+
+    def draw(self, n: int, generator: torch.Generator | None = None) -> list[list[dict[str, Tensor]]]:
+        """Every op's parameters for ``n`` samples of every view, one row per sample (a parameter
+        kornia draws once per batch is repeated on every row).
+
+        kornia draws from the global CPU RNG only: with ``generator`` it draws under a fork of that
+        RNG seeded from ``generator``, so the result is a function of ``generator`` and the caller's
+        RNG state is left as it was. Without, it draws from the global RNG.
+
+        Shapes:
+            returns V x ops x {name: (n, ...)}
+        """
+        if generator is None:
+            return self._draw(n)
+        seed = int(torch.randint(2**63 - 1, (), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            return self._draw(n)
+
+    def _draw(self, n: int) -> list[list[dict[str, Tensor]]]:
+        drawn = []
+        for pipeline, size in zip(self.pipelines, self.sizes):
+            drawn.append([])
+            for op in pipeline:
+                params = op.forward_parameters(torch.Size((n, 3, size, size)))
+                del params["forward_input_shape"]  # the shape of the batch it is applied to, set then
+                for name, value in params.items():
+                    if name in BATCH_WIDE_PARAMS:
+                        params[name] = value.expand(n, *value.shape)  # (n, ...): any row gives it back
+                    elif value.shape[:1] != (n,):
+                        raise RuntimeError(f"kornia's {type(op).__name__} parameter {name!r} of shape "
+                                           f"{tuple(value.shape)} is neither per sample nor known as per batch.")
+                drawn[-1].append(params)
+        return drawn
+
+    def __call__(self, views: Sequence[Tensor], params: list[list[dict[str, Tensor]]]) -> list[Tensor]:
+        """Augment and normalise each view with ``params`` (from :meth:`draw`, one row per sample).
+
+        Shapes:
+            views: V x (B, C, H, W) in [0, 1]; params: V x ops x {name: (B, ...)} -> V x (B, C, H, W).
+        """
+        out = []
+        for x, pipeline, view_params in zip(views, self.pipelines, params):
+            for op, op_params in zip(pipeline, view_params):
+                op_params = {k: v[0] if k in BATCH_WIDE_PARAMS else v for k, v in op_params.items()}
+                x = op(x, params={**op_params, "forward_input_shape": torch.tensor(x.shape)})
+            out.append(x)
+        return out
 
 
 def blur_kernel(size: int) -> int:
