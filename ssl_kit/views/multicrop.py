@@ -151,7 +151,8 @@ class BatchedPhotometric:
         out = []
         for x, pipeline, view_params in zip(views, self.pipelines, params):
             for op, op_params in zip(pipeline, view_params):
-                op_params = {k: v[0] if k in BATCH_WIDE_PARAMS else v for k, v in op_params.items()}
+                # drawn on the CPU (kornia's generator): moved to the view's device before use
+                op_params = {k: (v[0] if k in BATCH_WIDE_PARAMS else v).to(x.device) for k, v in op_params.items()}
                 x = op(x, params={**op_params, "forward_input_shape": torch.tensor(x.shape)})
             out.append(x)
         return out
