@@ -9,11 +9,13 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from conftest import TINY_MAE, assert_ok, run_cli
 from ssl_kit.callbacks.report import EvalReport, format_report
 from ssl_kit.data import SSLDataModule
 from ssl_kit.demo import README_END, README_START, _with_teachers, find_demos, paste_into_readme
+from ssl_kit.errors import UserError
 from ssl_kit.evaluators.batchnorm import recalibrate_batchnorm
 from ssl_kit.views import EvalTransform
 
@@ -58,6 +60,16 @@ def test_raw_pixels_row_scores_100_where_pixels_separate_the_classes():
     dm = _digits_like()
     scores = report.frozen_scores(lambda x: x.flatten(1), SimpleNamespace(device=torch.device("cpu")), dm)
     assert scores["knn"]["top1"] == 100.0 and scores["linear"]["top1"] == 100.0
+
+
+def test_raw_pixels_are_area_resized_to_at_most_pixels_size():
+    x = torch.arange(2 * 3 * 8 * 16, dtype=torch.float32).view(2, 3, 8, 16)
+    small = EvalReport(pixels_size=4).pixels(x)
+    assert torch.equal(small, F.avg_pool2d(x, 4).flatten(1))  # 8x16 -> 2x4: longest side 4
+    assert torch.equal(EvalReport(pixels_size=16).pixels(x), x.flatten(1))  # already small enough: as it is
+    assert torch.equal(EvalReport(pixels_size=None).pixels(x), x.flatten(1))
+    with pytest.raises(UserError, match="pixels_size=0"):
+        EvalReport(pixels_size=0)
 
 
 def test_random_baseline_is_a_fresh_encoder_not_the_trained_one():

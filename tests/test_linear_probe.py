@@ -176,7 +176,7 @@ def test_eval_report_adds_linear_probe_for_both_encoders(tiny_mae, tmp_path, mon
     scores = EvalReport.frozen_scores
     monkeypatch.setattr(EvalReport, "frozen_scores", lambda self, encode, module, dm: seen.append(
         {k: v.detach().clone() for k, v in encode.__self__.encoder.state_dict().items()}
-        if hasattr(encode, "__self__") else None) or scores(self, encode, module, dm))
+        if hasattr(getattr(encode, "__self__", None), "encoder") else None) or scores(self, encode, module, dm))
     initial = {k: v.detach().clone() for k, v in tiny_mae.encoder.state_dict().items()}
     dm = SSLDataModule("synthetic", synthetic_size=20, batch_size=8, eval_batch_size=20, num_workers=0)
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -185,6 +185,8 @@ def test_eval_report_adds_linear_probe_for_both_encoders(tiny_mae, tmp_path, mon
     trainer.fit(tiny_mae, datamodule=dm)
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["protocol"]["linear"]["epochs"] == 3
+    assert set(report["seconds"]) == {"random_init_build", "pretrained", "random_init", "pixels"}
+    assert all(t >= 0 for t in report["seconds"].values())
     for encoder in ("pretrained", "random_init"):
         assert set(report[encoder]) == {"knn", "linear"} and 0 <= report[encoder]["linear"]["top1"] <= 100
 
