@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -33,9 +34,9 @@ class EvalReport(pl.Callback):
     - ``random_init``: the same architecture freshly initialised; its BatchNorm statistics, if it
       has any, are recomputed on the training images first (untrained statistics would make the
       baseline unfairly weak, see :func:`~ssl_kit.evaluators.batchnorm.recalibrate_batchnorm`);
-    - ``pixels``: the flattened, normalised images themselves, area-resized to at most
-      ``pixels_size`` per side (a baseline with tens of thousands of redundant dimensions would
-      only slow its linear probe down: 96 px digits, which are 8x8 upsampled, took 20 s).
+    - ``pixels``: the normalised images themselves, area-resized to at most ``pixels_size`` per
+      side (a thumbnail baseline; at full size its linear probe is slow: 20 s on 96 px digits, which
+      are 8x8 images upsampled), flattened.
 
     Protocols: weighted k-NN (cosine, ``k``, ``temperature``); a linear probe on cached features
     (:func:`~ssl_kit.evaluators.linear.fit_linear_probe`: BatchNorm without affine + linear, LARS);
@@ -141,24 +142,25 @@ class EvalReport(pl.Callback):
         module.eval()
         seconds: dict[str, float] = {}
 
-        def timed(name: str, run):
+        @contextmanager
+        def timed(name: str):
             start = time.perf_counter()
-            out = run()
+            yield
             seconds[name] = round(time.perf_counter() - start, 1)
-            return out
 
-        random_encoder = timed("random_init_build", lambda: self.random_init_encoder(module, datamodule))
-        random_twin = self.with_encoder(module, random_encoder)
-        results = {
-            "pretrained": timed("pretrained", lambda: self.frozen_scores(module.extract_features, module, datamodule)),
-            "random_init": timed("random_init", lambda: self.frozen_scores(random_twin.extract_features, module,
-                                                                          datamodule)),
-            "pixels": timed("pixels", lambda: self.frozen_scores(self.pixels, module, datamodule)),
-        }
+        with timed("random_init_build"):
+            random_encoder = self.random_init_encoder(module, datamodule)
+        encoders = {"pretrained": module.extract_features,
+                    "random_init": self.with_encoder(module, random_encoder).extract_features,
+                    "pixels": self.pixels}
+        results = {}
+        for name, encode in encoders.items():
+            with timed(name):
+                results[name] = self.frozen_scores(encode, module, datamodule)
         if self.finetune_epochs > 0:
             for name, encoder in (("pretrained", module.encoder), ("random_init", random_encoder)):
-                results[name]["finetune"] = timed(f"{name}_finetune",
-                                                  lambda: self.finetune_score(encoder, module, datamodule))
+                with timed(f"{name}_finetune"):
+                    results[name]["finetune"] = self.finetune_score(encoder, module, datamodule)
         module.train(was_training)
         return {**results, "seconds": seconds}
 
