@@ -4,7 +4,9 @@ import pytest
 import timm
 import torch
 
-from ssl_kit.backbones.convnextv2_sparse import create_convnextv2, forward_dense_masked, forward_sparse
+from ssl_kit.backbones.convnextv2_sparse import (
+    FastGlobalResponseNorm, create_convnextv2, forward_dense_masked, forward_sparse, grn_norm,
+)
 from ssl_kit.losses import masked_mse, pixel_targets
 from ssl_kit.masking.hierarchical import kept_indices, random_grid_mask, upsample_mask
 from ssl_kit.methods import FCMAE
@@ -90,6 +92,33 @@ def test_mask_ratio_zero_equals_timm_forward_features(atto):
     with torch.no_grad():
         ours = forward_sparse(atto.eval(), imgs, torch.zeros(2, 2, 3, dtype=torch.double))
         assert torch.allclose(ours, atto.forward_features(imgs), atol=1e-10)
+
+
+def test_fast_grn_equals_timm_outputs_gradients_and_state_dict():
+    """create_convnextv2 swaps timm's GRN for FastGlobalResponseNorm: same keys, outputs, gradients."""
+    ours = create_convnextv2("convnextv2_atto").double()
+    theirs = timm.create_model("convnextv2_atto", pretrained=False, num_classes=0).double()
+    assert any(isinstance(m, FastGlobalResponseNorm) for m in ours.modules())
+    assert not any(isinstance(m, FastGlobalResponseNorm) for m in theirs.modules())
+    theirs.load_state_dict(ours.state_dict())  # strict: identical keys and shapes
+    for m in ours.modules():  # non-zero GRN parameters, so the norm reaches the output
+        if isinstance(m, FastGlobalResponseNorm):
+            torch.nn.init.normal_(m.weight, std=0.5), torch.nn.init.normal_(m.bias, std=0.5)
+    theirs.load_state_dict(ours.state_dict())
+    imgs = torch.randn(2, 3, 64, 64, dtype=torch.double)
+    out_ours, out_theirs = ours(imgs), theirs(imgs)
+    assert torch.allclose(out_ours, out_theirs, atol=1e-10)
+    out_ours.square().sum().backward(), out_theirs.square().sum().backward()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-7, atol=1e-10), name
+
+
+def test_grn_norm_of_zeros_has_zero_gradient_like_torch_norm():
+    x = torch.zeros(2, 3, 3, 4, requires_grad=True)
+    grn_norm(x, (1, 2)).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    y = torch.randn(2, 5, 3)
+    assert torch.allclose(grn_norm(y, 1), y.norm(p=2, dim=1, keepdim=True), rtol=1e-6)
 
 
 def test_removed_pixels_reach_no_visible_output(atto):

@@ -26,6 +26,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import GlobalResponseNormMlp
+from timm.layers.grn import GlobalResponseNorm
 from timm.models.convnext import ConvNeXt
 from torch import Tensor, nn
 
@@ -52,6 +53,39 @@ def create_convnextv2(model_name: str, in_chans: int = 3, drop_path_rate: float 
         model_name, pretrained=False, num_classes=0, in_chans=in_chans, drop_path_rate=drop_path_rate, **kwargs
     )
     check_sparse_layout(model)
+    return fast_grn_(model)
+
+
+def grn_norm(x: Tensor, dim: int | tuple[int, ...]) -> Tensor:
+    """GRN's L2 norm over ``dim`` (kept), as the square root of the sum of squares.
+
+    Equal to ``x.norm(p=2, dim=dim, keepdim=True)`` up to rounding, but torch's ``vector_norm`` on
+    CPU is slow when it reduces dimensions other than the innermost: ~8 ms against ~0.15 ms for a
+    (64, 3, 3, 1280) tensor (2 threads), where a plain sum is fast. A zero norm has gradient 0, as
+    ``norm``'s (the clamp stops ``sqrt``'s infinite slope at 0).
+    """
+    return x.square().sum(dim=dim, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny).sqrt()
+
+
+class FastGlobalResponseNorm(GlobalResponseNorm):
+    """timm's GRN (same parameters and state dict) with its norm taken by :func:`grn_norm`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        gx = grn_norm(x, self.spatial_dim)
+        nx = gx / (gx.mean(dim=self.channel_dim, keepdim=True) + self.eps)
+        return x + torch.addcmul(self.bias.view(self.wb_shape), self.weight.view(self.wb_shape), x * nx)
+
+
+def fast_grn_(model: nn.Module) -> nn.Module:
+    """Switch every timm GRN of ``model`` to :class:`FastGlobalResponseNorm` in place; returns ``model``.
+
+    Only the class changes: parameters, buffers and state-dict keys stay timm's, so checkpoints
+    load and export as before. With it a ConvNeXt V2-Atto step at 96 px on 2 CPU cores no longer
+    spends 10-30% of its time in ``vector_norm``.
+    """
+    for module in model.modules():
+        if type(module) is GlobalResponseNorm:
+            module.__class__ = FastGlobalResponseNorm
     return model
 
 
@@ -191,7 +225,7 @@ def sparse_grn(grn: nn.Module, x: Tensor) -> Tensor:
     Shapes:
         x: (B, N, C) -> (B, N, C)
     """
-    gx = x.norm(p=2, dim=1, keepdim=True)  # (B, 1, C)
+    gx = grn_norm(x, 1)  # (B, 1, C)
     nx = gx / (gx.mean(dim=-1, keepdim=True) + grn.eps)
     return x + torch.addcmul(grn.bias, grn.weight, x * nx)
 
