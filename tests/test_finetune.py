@@ -14,7 +14,7 @@ import timm
 import torch
 
 from ssl_kit.data import SSLDataModule
-from ssl_kit.evaluators.finetune import FineTune, set_drop_path
+from ssl_kit.evaluators.finetune import FineTune, fit_finetune, set_drop_path
 from ssl_kit.evaluators.results import aggregate, write_results
 
 DEPTH = 3
@@ -215,3 +215,24 @@ def test_aggregate_reports_mean_and_sample_std(tmp_path, capsys):
     write_results(tmp_path / "again" / "finetune.json", {"final": {"per_seed": {"0": {"top1": 1.0, "top5": 1.0}}}})
     with pytest.raises(ValueError, match="seed 0 appears twice"):
         aggregate(str(tmp_path))
+
+
+@pytest.mark.parametrize("bf16, dtype", [(False, torch.float32), (True, torch.bfloat16)])
+def test_fit_finetune_runs_forwards_at_the_asked_precision_and_keeps_fp32_weights(bf16, dtype):
+    """``bf16=True`` (a bf16-mixed run's report): every forward, training and held-out, under
+    bf16 autocast; the weights and optimizer stay fp32, and the weights move."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    encoder = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=16, patch_size=4, depth=1,
+                                embed_dim=32, num_heads=2)
+    before = encoder.blocks[0].mlp.fc1.weight.detach().clone()
+    seen = []
+    encoder.blocks[0].mlp.fc1.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    data = TensorDataset(torch.randn(8, 3, 16, 16), torch.arange(8) % 2)
+    result = fit_finetune(encoder, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4), num_classes=2,
+                          epochs=1, base_lr=1e-2, bf16=bf16)
+    assert set(seen) == {dtype} and len(seen) == 4  # 2 training steps + 2 held-out batches
+    assert all(p.dtype == torch.float32 for p in encoder.parameters())
+    assert not torch.equal(encoder.blocks[0].mlp.fc1.weight, before)
+    assert 0 <= result["top1"] <= 100

@@ -138,6 +138,28 @@ def _digits_folder(root, n: int = 40):
     return root
 
 
+def test_extract_features_runs_under_bf16_autocast_only_when_asked():
+    """None keeps the old rule (autocast on CUDA only); a bf16-mixed run encodes under bf16."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ssl_kit.evaluators.features import extract_features, runs_bf16
+
+    loader = DataLoader(TensorDataset(torch.randn(4, 3), torch.arange(4)), batch_size=2)
+
+    def encode(x):  # 1 per image where autocast is on
+        return torch.full((x.shape[0], 1), float(torch.is_autocast_enabled("cpu")))
+
+    assert extract_features(encode, loader)[0].sum() == 0
+    assert extract_features(encode, loader, bf16=False)[0].sum() == 0
+    feats, labels = extract_features(encode, loader, bf16=True)
+    assert feats.sum() == 4 and feats.dtype == torch.float32 and labels.tolist() == [0, 1, 2, 3]
+    assert runs_bf16(SimpleNamespace(precision="bf16-mixed")) is True
+    assert runs_bf16(SimpleNamespace(precision="32-true")) is None
+    assert runs_bf16(None) is None
+
+
 def _fit_with_online_knn(tmp_path, digits: bool = False, **trainer_kwargs):
     import pytorch_lightning as pl
 

@@ -174,9 +174,9 @@ def test_eval_report_adds_linear_probe_for_both_encoders(tiny_mae, tmp_path, mon
 
     seen = []  # the encoder behind each frozen-feature row (pixels have none)
     scores = EvalReport.frozen_scores
-    monkeypatch.setattr(EvalReport, "frozen_scores", lambda self, encode, module, dm: seen.append(
+    monkeypatch.setattr(EvalReport, "frozen_scores", lambda self, encode, module, dm, bf16=None: seen.append(
         {k: v.detach().clone() for k, v in encode.__self__.encoder.state_dict().items()}
-        if hasattr(getattr(encode, "__self__", None), "encoder") else None) or scores(self, encode, module, dm))
+        if hasattr(getattr(encode, "__self__", None), "encoder") else None) or scores(self, encode, module, dm, bf16))
     initial = {k: v.detach().clone() for k, v in tiny_mae.encoder.state_dict().items()}
     dm = SSLDataModule("synthetic", synthetic_size=20, batch_size=8, eval_batch_size=20, num_workers=0)
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,

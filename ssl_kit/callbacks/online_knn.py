@@ -9,6 +9,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from ssl_kit.callbacks.online_eval import labelled_data
 from ssl_kit.errors import UserError
+from ssl_kit.evaluators.features import runs_bf16
 from ssl_kit.evaluators.knn import knn_accuracies
 from ssl_kit.evaluators.sharded import dist_rank_world, extract_features_sharded
 
@@ -16,7 +17,8 @@ from ssl_kit.evaluators.sharded import dist_rank_world, extract_features_sharded
 class OnlineKNN(pl.Callback):
     """Every ``every_n_epochs`` training epochs, weighted k-NN of the model's features on the
     validation split (bank: the training split, both un-augmented), logged as ``knn_top1`` and
-    ``knn_top5``. Uses the :meth:`~ssl_kit.methods.SSLMethod.extract_features` contract. The
+    ``knn_top5``. Uses the :meth:`~ssl_kit.methods.SSLMethod.extract_features` contract, at the
+    run's precision (bf16 autocast when it trains ``bf16-mixed``). The
     splits are those of :class:`~ssl_kit.callbacks.OnlineEvalData` when one is configured
     (``--online_eval.root``: labelled data separate from the pretraining data), else the data module's.
 
@@ -75,5 +77,5 @@ class OnlineKNN(pl.Callback):
     def _features(self, pl_module: pl.LightningModule, dm, split: str):
         return extract_features_sharded(
             pl_module.extract_features, dm.split(split, dm.eval_transform), dm.eval_batch_size,
-            dm.num_workers, pl_module.device,
+            dm.num_workers, pl_module.device, runs_bf16(pl_module.trainer),
         )

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from ssl_kit.callbacks.online_eval import labelled_data
 from ssl_kit.errors import UserError
+from ssl_kit.evaluators.features import runs_bf16
 from ssl_kit.evaluators.sharded import dist_rank_world, extract_features_sharded
 
 
@@ -141,7 +142,8 @@ class OnlineLinearProbe(pl.Callback):
         was_training = pl_module.training
         pl_module.eval()
         feats, labels = extract_features_sharded(pl_module.extract_features, data.split("val", data.eval_transform),
-                                                 data.eval_batch_size, data.num_workers, pl_module.device)
+                                                 data.eval_batch_size, data.num_workers, pl_module.device,
+                                                 runs_bf16(trainer))
         pl_module.train(was_training)
         self.head.eval()
         logits = self.head(feats.to(pl_module.device))  # (N, classes)

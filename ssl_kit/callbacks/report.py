@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from ssl_kit.errors import UserError
 from ssl_kit.evaluators import extract_features, knn_accuracy
 from ssl_kit.evaluators.batchnorm import recalibrate_batchnorm
+from ssl_kit.evaluators.features import runs_bf16
 from ssl_kit.evaluators.finetune import fit_finetune
 from ssl_kit.evaluators.linear import fit_linear_probe
 from ssl_kit.evaluators.results import write_results
@@ -42,7 +43,8 @@ class EvalReport(pl.Callback):
     (:func:`~ssl_kit.evaluators.linear.fit_linear_probe`: BatchNorm without affine + linear, LARS);
     and, with ``finetune_epochs > 0``, a short end-to-end fine-tune of the encoders
     (:func:`~ssl_kit.evaluators.finetune.fit_finetune`, the protocol masked-image-modelling papers
-    judge by; not for pixels). Prints a table, with the seconds each step took, and writes
+    judge by; not for pixels). Encoding and fine-tuning run at the run's precision (bf16 autocast
+    when it trains ``bf16-mixed``). Prints a table, with the seconds each step took, and writes
     ``<run dir>/<filename>``.
 
     Args:
@@ -110,10 +112,12 @@ class EvalReport(pl.Callback):
         return x.flatten(1)
 
     # --- protocols ------------------------------------------------------------------------
-    def frozen_scores(self, encode, module: pl.LightningModule, datamodule) -> dict[str, dict[str, float]]:
-        """k-NN and (optionally) linear-probe top-1/top-5 of the features ``encode`` gives."""
+    def frozen_scores(self, encode, module: pl.LightningModule, datamodule,
+                      bf16: bool | None = None) -> dict[str, dict[str, float]]:
+        """k-NN and (optionally) linear-probe top-1/top-5 of the features ``encode`` gives
+        (``bf16``: see :func:`~ssl_kit.evaluators.features.extract_features`)."""
         loaders = (datamodule.eval_dataloader("train"), datamodule.eval_dataloader("val"))
-        train, val = (extract_features(encode, loader, module.device) for loader in loaders)
+        train, val = (extract_features(encode, loader, module.device, bf16) for loader in loaders)
         results = {"knn": knn_accuracy(*train, *val, k=self.k, temperature=self.temperature)}
         if self.linear_epochs > 0:
             # extract_features returns inference tensors; the probe needs ordinary ones for autograd.
@@ -124,8 +128,10 @@ class EvalReport(pl.Callback):
             )
         return results
 
-    def finetune_score(self, encoder: nn.Module, module: pl.LightningModule, datamodule) -> dict[str, float]:
-        """Top-1/top-5 after fine-tuning a copy of ``encoder`` (the original is left as it is)."""
+    def finetune_score(self, encoder: nn.Module, module: pl.LightningModule, datamodule,
+                       bf16: bool | None = None) -> dict[str, float]:
+        """Top-1/top-5 after fine-tuning a copy of ``encoder`` (the original is left as it is;
+        ``bf16``: bf16 autocast, as in :func:`~ssl_kit.evaluators.finetune.fit_finetune`)."""
         crop = MaskedImageTransform(module.img_size, scale=self.finetune_crop_scale)
         train = DataLoader(datamodule.split("train", crop), batch_size=self.finetune_batch_size, shuffle=True,
                            drop_last=True, num_workers=datamodule.num_workers,
@@ -134,10 +140,12 @@ class EvalReport(pl.Callback):
             torch.manual_seed(self.seed)
             return fit_finetune(copy.deepcopy(encoder), train, datamodule.eval_dataloader("val"),
                                 len(datamodule.classes()), self.finetune_epochs, self.finetune_lr,
-                                layer_decay=self.finetune_layer_decay, device=module.device)
+                                layer_decay=self.finetune_layer_decay, device=module.device, bf16=bf16)
 
-    def evaluate(self, module: pl.LightningModule, datamodule) -> dict[str, dict]:
-        """Scores of every row of :data:`ENCODERS`, and ``seconds``: the wall time of each step."""
+    def evaluate(self, module: pl.LightningModule, datamodule, bf16: bool | None = None) -> dict[str, dict]:
+        """Scores of every row of :data:`ENCODERS`, and ``seconds``: the wall time of each step.
+        ``bf16``: encode and fine-tune under bf16 autocast (None: on CUDA only); ``on_fit_end``
+        passes the run's own precision (:func:`~ssl_kit.evaluators.features.runs_bf16`)."""
         was_training = module.training
         module.eval()
         seconds: dict[str, float] = {}
@@ -156,16 +164,17 @@ class EvalReport(pl.Callback):
         results = {}
         for name, encode in encoders.items():
             with timed(name):
-                results[name] = self.frozen_scores(encode, module, datamodule)
+                results[name] = self.frozen_scores(encode, module, datamodule, bf16)
         if self.finetune_epochs > 0:
             for name, encoder in (("pretrained", module.encoder), ("random_init", random_encoder)):
                 with timed(f"{name}_finetune"):
-                    results[name]["finetune"] = self.finetune_score(encoder, module, datamodule)
+                    results[name]["finetune"] = self.finetune_score(encoder, module, datamodule, bf16)
         module.train(was_training)
         return {**results, "seconds": seconds}
 
-    def protocol(self) -> dict:
+    def protocol(self, bf16: bool | None = None) -> dict:
         proto = {"k": self.k, "temperature": self.temperature, "bank": "train", "queries": "val",
+                 "precision": "bf16 autocast" if bf16 else "fp32" if bf16 is False else "bf16 autocast on CUDA, else fp32",
                  "random_init": "same architecture, seed %d, BatchNorm statistics recomputed on train" % self.seed,
                  "pixels": f"eval images, area-resized to at most {self.pixels_size} px" if self.pixels_size
                  else "eval images as the encoders see them"}
@@ -187,7 +196,8 @@ class EvalReport(pl.Callback):
             print(f"{type(self).__name__}: the data has no labels; skipping the k-NN / linear-probe report.")
             return
         with torch.random.fork_rng(devices=[]):  # the report must not shift the run's RNG streams
-            results = {"protocol": self.protocol(), **self.evaluate(pl_module, dm)}
+            bf16 = runs_bf16(trainer)
+            results = {"protocol": self.protocol(bf16), **self.evaluate(pl_module, dm, bf16)}
         path = write_results(Path(trainer.default_root_dir) / self.filename, results)
         print(format_report(results, path))
 

@@ -248,6 +248,7 @@ def fit_finetune(
     encoder: nn.Module, train: DataLoader, val: DataLoader, num_classes: int, epochs: int = 5,
     base_lr: float = 1e-3, weight_decay: float = 0.05, layer_decay: float | None = None,
     warmup_epochs: float = 1.0, label_smoothing: float = 0.1, device: torch.device | str = "cpu",
+    bf16: bool | None = None,
 ) -> dict[str, float]:
     """A short end-to-end fine-tune as a plain loop (no Trainer), for reports inside other runs:
     the encoder plus a new linear classifier on its pooled features, AdamW at
@@ -267,7 +268,10 @@ def fit_finetune(
         warmup_epochs: linear warm-up length.
         label_smoothing: cross-entropy target smoothing.
         device: where to train.
+        bf16: forward passes under bf16 autocast (None: on CUDA only), weights and optimizer in fp32.
     """
+    device = torch.device(device)
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     head = nn.Linear(encoder.num_features, num_classes).to(device)
     nn.init.trunc_normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
@@ -285,11 +289,13 @@ def fit_finetune(
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, total))
     for _ in range(epochs):
         for imgs, labels in train:
-            loss = F.cross_entropy(model(imgs.to(device)), labels.to(device), label_smoothing=label_smoothing)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(imgs.to(device))
+            loss = F.cross_entropy(logits.float(), labels.to(device), label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             schedule.step()
     model.eval()
-    logits, labels = extract_features(model, val, device)
+    logits, labels = extract_features(model, val, device, bf16)
     return topk_accuracy(logits, labels)

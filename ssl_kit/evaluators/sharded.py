@@ -21,9 +21,10 @@ def dist_rank_world() -> tuple[int, int]:
 
 def extract_features_sharded(
     encode: Callable[[Tensor], Tensor], dataset: Dataset, batch_size: int, num_workers: int = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", bf16: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Features of every item of ``dataset``, each rank encoding the items ``rank::world``.
+    """Features of every item of ``dataset``, each rank encoding the items ``rank::world``
+    (``bf16``: as in :func:`extract_features`).
 
     Without a process group this is :func:`extract_features` over the whole dataset. Under
     one, every rank gets all features in dataset order, identical to the single-process result
@@ -37,7 +38,7 @@ def extract_features_sharded(
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=torch.device(device).type == "cuda")
     if len(shard):
-        feats, labels = extract_features(encode, loader, device)
+        feats, labels = extract_features(encode, loader, device, bf16)
     else:  # more ranks than items
         feats, labels = torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     if world == 1:
