@@ -185,6 +185,7 @@ def test_eval_report_adds_linear_probe_for_both_encoders(tiny_mae, tmp_path, mon
     trainer.fit(tiny_mae, datamodule=dm)
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["protocol"]["linear"]["epochs"] == 3
+    assert report["protocol"]["precision"] == "fp32"  # a 32-true run on the CPU encodes in fp32
     assert set(report["seconds"]) == {"random_init_build", "pretrained", "random_init", "pixels"}
     assert all(t >= 0 for t in report["seconds"].values())
     for encoder in ("pretrained", "random_init"):

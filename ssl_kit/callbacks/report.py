@@ -172,9 +172,9 @@ class EvalReport(pl.Callback):
         module.train(was_training)
         return {**results, "seconds": seconds}
 
-    def protocol(self, bf16: bool | None = None) -> dict:
+    def protocol(self, bf16: bool = False) -> dict:
         proto = {"k": self.k, "temperature": self.temperature, "bank": "train", "queries": "val",
-                 "precision": "bf16 autocast" if bf16 else "fp32" if bf16 is False else "bf16 autocast on CUDA, else fp32",
+                 "precision": "bf16 autocast" if bf16 else "fp32",
                  "random_init": "same architecture, seed %d, BatchNorm statistics recomputed on train" % self.seed,
                  "pixels": f"eval images, area-resized to at most {self.pixels_size} px" if self.pixels_size
                  else "eval images as the encoders see them"}
@@ -196,7 +196,7 @@ class EvalReport(pl.Callback):
             print(f"{type(self).__name__}: the data has no labels; skipping the k-NN / linear-probe report.")
             return
         with torch.random.fork_rng(devices=[]):  # the report must not shift the run's RNG streams
-            bf16 = runs_bf16(trainer)
+            bf16 = bool(runs_bf16(trainer)) or pl_module.device.type == "cuda"  # bf16-mixed, or CUDA (the default)
             results = {"protocol": self.protocol(bf16), **self.evaluate(pl_module, dm, bf16)}
         path = write_results(Path(trainer.default_root_dir) / self.filename, results)
         print(format_report(results, path))
