@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from ssl_kit.errors import UserError
 from ssl_kit.evaluators import extract_features, knn_accuracy
 from ssl_kit.evaluators.batchnorm import recalibrate_batchnorm
-from ssl_kit.evaluators.features import runs_bf16
+from ssl_kit.evaluators.features import resolve_bf16, runs_bf16
 from ssl_kit.evaluators.finetune import fit_finetune
 from ssl_kit.evaluators.linear import fit_linear_probe
 from ssl_kit.evaluators.results import write_results
@@ -196,7 +196,7 @@ class EvalReport(pl.Callback):
             print(f"{type(self).__name__}: the data has no labels; skipping the k-NN / linear-probe report.")
             return
         with torch.random.fork_rng(devices=[]):  # the report must not shift the run's RNG streams
-            bf16 = bool(runs_bf16(trainer)) or pl_module.device.type == "cuda"  # bf16-mixed, or CUDA (the default)
+            bf16 = resolve_bf16(runs_bf16(trainer), pl_module.device)  # what the protocol states is what runs
             results = {"protocol": self.protocol(bf16), **self.evaluate(pl_module, dm, bf16)}
         path = write_results(Path(trainer.default_root_dir) / self.filename, results)
         print(format_report(results, path))

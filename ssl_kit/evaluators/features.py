@@ -16,6 +16,11 @@ def runs_bf16(trainer) -> bool | None:
     return True if str(getattr(trainer, "precision", "")).startswith("bf16") else None
 
 
+def resolve_bf16(bf16: bool | None, device: torch.device | str) -> bool:
+    """Whether to autocast to bf16 on ``device``: ``bf16`` as given, and None means on CUDA only."""
+    return torch.device(device).type == "cuda" if bf16 is None else bf16
+
+
 @torch.inference_mode()
 def extract_features(
     encode: Callable[[Tensor], Tensor], loader: DataLoader, device: torch.device | str = "cpu",
@@ -28,7 +33,7 @@ def extract_features(
         returns features (N, D) float32 on CPU and labels (N,) int64.
     """
     device = torch.device(device)
-    bf16 = device.type == "cuda" if bf16 is None else bf16
+    bf16 = resolve_bf16(bf16, device)
     feats, labels = [], []
     for imgs, y in loader:
         imgs = imgs.to(device, non_blocking=True)

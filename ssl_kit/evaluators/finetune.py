@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from ssl_kit.errors import UserError
 from ssl_kit.evaluators.base import Evaluator
-from ssl_kit.evaluators.features import extract_features
+from ssl_kit.evaluators.features import extract_features, resolve_bf16
 from ssl_kit.evaluators.results import format_summary, seed_summary, topk_accuracy, write_results
 from ssl_kit.optim.training import OptimizerCallable, warmup_cosine, weight_decay_groups
 from ssl_kit.views import IMAGENET_MEAN, IMAGENET_STD
@@ -271,7 +271,7 @@ def fit_finetune(
         bf16: forward passes under bf16 autocast (None: on CUDA only), weights and optimizer in fp32.
     """
     device = torch.device(device)
-    bf16 = device.type == "cuda" if bf16 is None else bf16
+    bf16 = resolve_bf16(bf16, device)
     head = nn.Linear(encoder.num_features, num_classes).to(device)
     nn.init.trunc_normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
