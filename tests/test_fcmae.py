@@ -235,5 +235,8 @@ def test_cli_fit_two_steps_then_export_loads_in_timm(tmp_path):
                               pretrained_cfg_overlay=dict(file=str(out)), **json.loads(meta["timm_kwargs"]))
     state = load_file(str(out))
     assert meta["timm_model"] == "convnextv2_atto"
+    # The demo's encoder_kwargs (Atto's widths, 2 blocks per stage) travel with the weights.
+    assert json.loads(meta["timm_kwargs"])["depths"] == [2, 2, 2, 2]
+    assert [len(stage.blocks) for stage in model.stages] == [2, 2, 2, 2]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert state.keys() == model.state_dict().keys()

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
@@ -27,6 +27,8 @@ class FCMAE(SSLMethod):
     Args:
         model_name: timm ConvNeXt V2 name (``convnextv2_atto`` ... ``convnextv2_huge``).
         img_size: training resolution; a multiple of the total stride (32).
+        encoder_kwargs: more ``timm.create_model`` arguments for the encoder (e.g. ``depths``
+            for a ConvNeXt V2 shallower than the name's, with the name's widths).
         mask_ratio: fraction of patches removed, in (0, 1) (paper: 0.6).
         decoder_embed_dim: decoder width (paper: 512).
         decoder_depth: decoder ConvNeXt V2 blocks (paper: 1).
@@ -48,6 +50,7 @@ class FCMAE(SSLMethod):
         self,
         model_name: str = "convnextv2_base",
         img_size: int = 224,
+        encoder_kwargs: dict[str, Any] | None = None,
         mask_ratio: float = 0.6,
         decoder_embed_dim: int = 512,
         decoder_depth: int = 1,
@@ -87,7 +90,7 @@ class FCMAE(SSLMethod):
 
     def build_encoder(self):
         hp = self.hparams
-        kwargs = dict(drop_path_rate=hp.drop_path_rate)
+        kwargs = dict(hp.encoder_kwargs or {}, drop_path_rate=hp.drop_path_rate)
         self.encoder_spec = (hp.model_name, kwargs)
         encoder = create_convnextv2(hp.model_name, **kwargs)
         return fcmae_init_(encoder) if hp.init == "fcmae" else encoder
