@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from ssl_kit.backbones.convnextv2_sparse import fast_grn_
 from ssl_kit.errors import UserError
 from ssl_kit.evaluators.knn_job import EvalData, EvalTrainer
 from ssl_kit.checkpoints import load_encoder
@@ -59,7 +60,7 @@ def show(
     data.check()  # a bad root fails before the encoder loads
     device = torch.device("cuda" if trainer.accelerator != "cpu" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
-    model = load_encoder(encoder, model_name, img_size).to(device)
+    model = fast_grn_(load_encoder(encoder, model_name, img_size)).to(device)
     size = model.pretrained_cfg["input_size"][-1]
     dataset = data.split(split, EvalTransform(size))
     if len(dataset) == 0:

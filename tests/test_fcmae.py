@@ -113,6 +113,24 @@ def test_fast_grn_equals_timm_outputs_gradients_and_state_dict():
         assert torch.allclose(a.grad, b.grad, rtol=1e-7, atol=1e-10), name
 
 
+def test_evaluation_jobs_and_teachers_run_convnextv2_with_the_fast_grn(tmp_path):
+    """load_encoder returns timm's model as it is; the linear probe / fine-tune jobs and the EVA
+    teacher, which encode with it, switch its GRN (a dense ConvNeXt V2 file as the source)."""
+    from safetensors.torch import save_file
+
+    from ssl_kit.backbones.teacher import TeacherConfig, encoder_tower
+    from ssl_kit.checkpoints import load_encoder
+    from ssl_kit.evaluators import LinearProbe
+
+    path = tmp_path / "atto.safetensors"
+    save_file(timm.create_model("convnextv2_atto", pretrained=False, num_classes=0).state_dict(), str(path),
+              metadata={"timm_model": "convnextv2_atto", "timm_kwargs": "{}"})
+    fast = lambda model: any(isinstance(m, FastGlobalResponseNorm) for m in model.modules())  # noqa: E731
+    assert not fast(load_encoder(str(path)))
+    assert fast(LinearProbe(str(path), img_size=64).encoder)
+    assert fast(encoder_tower(TeacherConfig("encoder", checkpoint=str(path))))
+
+
 def test_grn_norm_of_zeros_has_zero_gradient_like_torch_norm():
     x = torch.zeros(2, 3, 3, 4, requires_grad=True)
     grn_norm(x, (1, 2)).sum().backward()

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_kit.backbones.convnextv2_sparse import fast_grn_
 from ssl_kit.checkpoints import load_encoder, load_strict, read_state_dict
 from ssl_kit.errors import MissingFileError, UserError
 from ssl_kit.views import IMAGENET_MEAN, IMAGENET_STD
@@ -154,7 +155,7 @@ def encoder_tower(cfg: TeacherConfig) -> nn.Module:
             raise UserError(f"teacher.model_name={cfg.model_name!r} is not a timm model name; a random "
                              "encoder teacher needs one.")
         return timm.create_model(cfg.model_name, pretrained=False, num_classes=0)
-    return load_encoder(cfg.checkpoint, model_name=cfg.model_name)
+    return fast_grn_(load_encoder(cfg.checkpoint, model_name=cfg.model_name))
 
 
 # --- the frozen module ----------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ssl_kit.backbones.convnextv2_sparse import fast_grn_
 from ssl_kit.data.datasets import ImageFolder
 from ssl_kit.errors import UserError
 from ssl_kit.optim.training import OptimizerCallable, TrainingModule, adamw
@@ -79,7 +80,7 @@ class Evaluator(TrainingModule):
             )
         from ssl_kit.checkpoints.load import load_encoder  # read at call time: tests substitute a stand-in
 
-        self.encoder = load_encoder(encoder, model_name=model_name, img_size=img_size)
+        self.encoder = fast_grn_(load_encoder(encoder, model_name=model_name, img_size=img_size))
         self.encoder_source, self.img_size, self.results_file = encoder, img_size, results_file
         self.num_classes: int | None = None
 

@@ -13,6 +13,7 @@ from typing import final
 import torch
 from lightning_fabric import Fabric
 
+from ssl_kit.backbones.convnextv2_sparse import fast_grn_
 from ssl_kit.data import SSLDataModule, scan_images
 from ssl_kit.errors import UserError
 from ssl_kit.evaluators.knn import check_ks, knn_accuracies
@@ -117,7 +118,7 @@ def knn(
                     strategy="ddp" if trainer.devices * trainer.num_nodes > 1 else "auto")
     fabric.launch()
     torch.manual_seed(seed)
-    model = load_encoder(encoder, model_name, img_size).to(fabric.device)
+    model = fast_grn_(load_encoder(encoder, model_name, img_size)).to(fabric.device)
     size = model.pretrained_cfg["input_size"][-1]
     start = time.perf_counter()
     (bank, bank_y), (query, query_y) = (
